@@ -1,0 +1,129 @@
+"""Validated model of a nexus-mirror stack: what every later step works from.
+
+Nothing here imports Pulumi. ``components.config`` builds these records from
+stack config; rendering, the node script and the Pulumi component read them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+DEFAULT_CAPABILITIES = ("pull", "resolve")
+VERIFY_NAMESPACE = "nexus-mirror-verify"
+
+
+@dataclass(frozen=True)
+class Host:
+    """One registry host containerd may contact: a ``[host."<url>"]`` table or ``server``."""
+
+    url: str
+    capabilities: tuple[str, ...] = DEFAULT_CAPABILITIES
+    override_path: bool = False
+    ca: tuple[str, ...] = ()
+    client: tuple[tuple[str, str], ...] = ()
+    """Client certificates as (cert, key) pairs; an empty key means one file holds both."""
+    skip_verify: bool = False
+    headers: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    config_key: str = ""
+    """Stack config key this host came from, for messages."""
+
+    @property
+    def probe_url(self) -> str:
+        """URL of the registry API root (``GET /v2/``) that containerd derives from ``url``."""
+        if self.override_path or self.url.endswith("/v2"):
+            return self.url + "/"
+        return self.url + "/v2/"
+
+    @property
+    def authority(self) -> str:
+        """``host[:port]`` as containerd logs it."""
+        return self.url.split("://", 1)[1].split("/", 1)[0]
+
+
+@dataclass(frozen=True)
+class InlineFile:
+    """A file delivered next to hosts.toml, such as a CA certificate given as inline PEM."""
+
+    name: str
+    content: str
+    mode: str = "0644"
+
+
+@dataclass(frozen=True)
+class Namespace:
+    """One directory under containerd's config_path: a registry host or ``_default``."""
+
+    name: str
+    hosts: tuple[Host, ...]
+    """Mirrors in the order containerd tries them."""
+    server: Host | None = None
+    """Upstream tried after the mirrors; None leaves containerd's default."""
+    fallback: bool = True
+    files: tuple[InlineFile, ...] = ()
+    secret: bool = False
+    """True when the rendered files contain values set as Pulumi secrets."""
+
+
+@dataclass(frozen=True)
+class Containerd:
+    """How to reach and change containerd on a node."""
+
+    config_path: str = "/etc/containerd/certs.d"
+    config_file: str = "/etc/containerd/config.toml"
+    restart_command: str = "systemctl restart containerd"
+    manage_config_file: bool = True
+    address: str = "/run/containerd/containerd.sock"
+    bin_dir: str = ""
+    state_dir: str = "/var/lib/nexus-mirror"
+    restart_timeout: int = 60
+    log_command: str = "journalctl -u containerd --no-pager -n 200 -o cat"
+
+
+@dataclass(frozen=True)
+class Bastion:
+    """SSH jump host in front of the nodes."""
+
+    host: str
+    port: int = 22
+    user: str = "root"
+    host_key: str | None = None
+
+
+@dataclass(frozen=True)
+class Node:
+    """One containerd node reached over SSH."""
+
+    name: str
+    host: str
+    port: int = 22
+    user: str = "root"
+    host_key: str | None = None
+    containerd: Containerd = field(default_factory=Containerd)
+
+    @property
+    def uses_sudo(self) -> bool:
+        return self.user != "root"
+
+
+@dataclass(frozen=True)
+class Ssh:
+    """SSH settings shared by every node."""
+
+    user: str = "root"
+    bastion: Bastion | None = None
+    per_dial_timeout: int = 15
+    dial_error_limit: int = 10
+
+
+@dataclass(frozen=True)
+class MirrorConfig:
+    """Everything one stack asks for, validated."""
+
+    namespaces: tuple[Namespace, ...]
+    nodes: tuple[Node, ...]
+    ssh: Ssh = field(default_factory=Ssh)
+    containerd: Containerd = field(default_factory=Containerd)
+    verify_image: str | None = None
+    max_parallel_restarts: int = 1
+    has_private_key: bool = False
+    warnings: tuple[str, ...] = ()
