@@ -10,11 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from .model import Bastion, Containerd, MirrorConfig, Node, Ssh
 from .registries import check_namespace_name, check_registry
 from .validation import (
+    SECRET_PLACEHOLDER,
     Problems,
     check_absolute_path,
     check_bool,
@@ -30,7 +32,6 @@ from .validation import (
     key_path,
     key_path_child,
 )
-from .validation import SECRET_PLACEHOLDER
 
 TOP_LEVEL_KEYS = [
     "nexus",
@@ -104,7 +105,9 @@ def _check_containerd(problems: Problems, key: str, value: Any, base: Containerd
     if value is None:
         return base
     if not isinstance(value, dict):
-        problems.error(key, value, "must be an object", "Such as {configPath: /etc/containerd/certs.d}.")
+        problems.error(
+            key, value, "must be an object", "Such as {configPath: /etc/containerd/certs.d}."
+        )
         return base
     check_keys(problems, key, value, list(CONTAINERD_FIELDS))
     changes: dict[str, Any] = {}
@@ -127,8 +130,15 @@ def _check_containerd(problems: Problems, key: str, value: Any, base: Containerd
         if checked is not None:
             changes[field_name] = checked
     result = dataclasses.replace(base, **changes)
-    if result.config_path in ("/", result.state_dir) or result.config_path.startswith(result.state_dir + "/"):
-        problems.error(key_path_child(key, "configPath"), result.config_path, "configPath must be a directory of its own", "Use a directory such as /etc/containerd/certs.d.")
+    if result.config_path in ("/", result.state_dir) or result.config_path.startswith(
+        result.state_dir + "/"
+    ):
+        problems.error(
+            key_path_child(key, "configPath"),
+            result.config_path,
+            "configPath must be a directory of its own",
+            "Use a directory such as /etc/containerd/certs.d.",
+        )
     return result
 
 
@@ -146,31 +156,63 @@ def _check_ssh(problems: Problems, value: Any) -> Ssh:
         bastion_key = key_path_child(key, "bastion")
         raw = value["bastion"]
         if not isinstance(raw, dict):
-            problems.error(bastion_key, raw, "must be an object", "Such as {host: 10.0.0.2, user: jump}.")
+            problems.error(
+                bastion_key, raw, "must be an object", "Such as {host: 10.0.0.2, user: jump}."
+            )
         else:
             check_keys(problems, bastion_key, raw, ["host", "port", "user", "hostKey"])
             host = check_ssh_host(problems, key_path_child(bastion_key, "host"), raw.get("host"))
-            port = check_int(problems, key_path_child(bastion_key, "port"), raw.get("port", 22), 1, 65535, "port")
-            bastion_user = check_user(problems, key_path_child(bastion_key, "user"), raw.get("user", user))
+            port = check_int(
+                problems, key_path_child(bastion_key, "port"), raw.get("port", 22), 1, 65535, "port"
+            )
+            bastion_user = check_user(
+                problems, key_path_child(bastion_key, "user"), raw.get("user", user)
+            )
             host_key = None
             if "hostKey" in raw:
-                host_key = check_host_key(problems, key_path_child(bastion_key, "hostKey"), raw["hostKey"])
+                host_key = check_host_key(
+                    problems, key_path_child(bastion_key, "hostKey"), raw["hostKey"]
+                )
             else:
-                problems.warn(bastion_key, "has no hostKey: the bastion's host key is not verified.")
+                problems.warn(
+                    bastion_key, "has no hostKey: the bastion's host key is not verified."
+                )
             if host and port and bastion_user:
                 bastion = Bastion(host=host, port=port, user=bastion_user, host_key=host_key)
-    timeout = check_int(problems, key_path_child(key, "perDialTimeout"), value.get("perDialTimeout", 15), 1, 600, "number of seconds")
-    limit = check_int(problems, key_path_child(key, "dialErrorLimit"), value.get("dialErrorLimit", 10), 1, 1000, "count")
-    return Ssh(user=user, bastion=bastion, per_dial_timeout=timeout or 15, dial_error_limit=limit or 10)
+    timeout = check_int(
+        problems,
+        key_path_child(key, "perDialTimeout"),
+        value.get("perDialTimeout", 15),
+        1,
+        600,
+        "number of seconds",
+    )
+    limit = check_int(
+        problems,
+        key_path_child(key, "dialErrorLimit"),
+        value.get("dialErrorLimit", 10),
+        1,
+        1000,
+        "count",
+    )
+    return Ssh(
+        user=user, bastion=bastion, per_dial_timeout=timeout or 15, dial_error_limit=limit or 10
+    )
 
 
-def _check_nodes(problems: Problems, value: Any, ssh: Ssh, containerd: Containerd) -> tuple[Node, ...]:
+def _check_nodes(
+    problems: Problems, value: Any, ssh: Ssh, containerd: Containerd
+) -> tuple[Node, ...]:
     key = key_path("nodes")
     if value is None:
-        problems.error(key, value, "no nodes are set", "List the nodes, such as [{host: 10.0.0.11}].")
+        problems.error(
+            key, value, "no nodes are set", "List the nodes, such as [{host: 10.0.0.11}]."
+        )
         return ()
     if not isinstance(value, list) or not value:
-        problems.error(key, value, "must be a non-empty list", "List the nodes, such as [{host: 10.0.0.11}].")
+        problems.error(
+            key, value, "must be a non-empty list", "List the nodes, such as [{host: 10.0.0.11}]."
+        )
         return ()
     nodes: list[Node] = []
     names: dict[str, str] = {}
@@ -179,33 +221,67 @@ def _check_nodes(problems: Problems, value: Any, ssh: Ssh, containerd: Container
     for index, raw in enumerate(value):
         node_key = key_path_child(key, index)
         if not isinstance(raw, dict):
-            problems.error(node_key, raw, "must be an object with at least host", "Such as {host: 10.0.0.11}.")
+            problems.error(
+                node_key, raw, "must be an object with at least host", "Such as {host: 10.0.0.11}."
+            )
             continue
-        check_keys(problems, node_key, raw, ["name", "host", "port", "user", "hostKey", "containerd"])
+        check_keys(
+            problems, node_key, raw, ["name", "host", "port", "user", "hostKey", "containerd"]
+        )
         host = check_ssh_host(problems, key_path_child(node_key, "host"), raw.get("host"))
-        name = check_name(problems, key_path_child(node_key, "name"), raw.get("name", host)) if host else None
-        port = check_int(problems, key_path_child(node_key, "port"), raw.get("port", 22), 1, 65535, "port")
+        name = (
+            check_name(problems, key_path_child(node_key, "name"), raw.get("name", host))
+            if host
+            else None
+        )
+        port = check_int(
+            problems, key_path_child(node_key, "port"), raw.get("port", 22), 1, 65535, "port"
+        )
         user = check_user(problems, key_path_child(node_key, "user"), raw.get("user", ssh.user))
         host_key = None
         if "hostKey" in raw:
             host_key = check_host_key(problems, key_path_child(node_key, "hostKey"), raw["hostKey"])
         else:
             unpinned.append(name or str(index))
-        node_containerd = _check_containerd(problems, key_path_child(node_key, "containerd"), raw.get("containerd"), containerd)
+        node_containerd = _check_containerd(
+            problems, key_path_child(node_key, "containerd"), raw.get("containerd"), containerd
+        )
         if not (host and name and port and user):
             continue
         if name in names:
-            problems.error(key_path_child(node_key, "name"), name, f"node name is already used by {names[name]}", "Give every node its own name.")
+            problems.error(
+                key_path_child(node_key, "name"),
+                name,
+                f"node name is already used by {names[name]}",
+                "Give every node its own name.",
+            )
             continue
         names[name] = node_key
         endpoint = (host, port, node_containerd.config_file)
         if endpoint in endpoints:
-            problems.error(node_key, host, f"same host, port and configFile as {endpoints[endpoint]}", "List each node once.")
+            problems.error(
+                node_key,
+                host,
+                f"same host, port and configFile as {endpoints[endpoint]}",
+                "List each node once.",
+            )
             continue
         endpoints[endpoint] = node_key
-        nodes.append(Node(name=name, host=host, port=port, user=user, host_key=host_key, containerd=node_containerd))
+        nodes.append(
+            Node(
+                name=name,
+                host=host,
+                port=port,
+                user=user,
+                host_key=host_key,
+                containerd=node_containerd,
+            )
+        )
     if unpinned:
-        problems.warn(key, f"host keys are not verified for {', '.join(unpinned)}: set hostKey (see ssh-keyscan) to pin them.")
+        problems.warn(
+            key,
+            f"host keys are not verified for {', '.join(unpinned)}: set hostKey (see ssh-keyscan) to pin them.",
+        )
     return tuple(nodes)
 
 
@@ -222,9 +298,14 @@ def _check_nexus(problems: Problems, value: Any) -> dict[str, Any] | None:
     if "caPem" in value:
         result["caPem"] = check_pem(problems, key_path_child(key, "caPem"), value["caPem"])
     if "skipVerify" in value:
-        result["skipVerify"] = check_bool(problems, key_path_child(key, "skipVerify"), value["skipVerify"])
+        result["skipVerify"] = check_bool(
+            problems, key_path_child(key, "skipVerify"), value["skipVerify"]
+        )
         if result["skipVerify"]:
-            problems.warn(key_path_child(key, "skipVerify"), "Nexus's TLS certificate is not verified; use it for testing only.")
+            problems.warn(
+                key_path_child(key, "skipVerify"),
+                "Nexus's TLS certificate is not verified; use it for testing only.",
+            )
     return result
 
 
@@ -233,7 +314,9 @@ def _check_verify(problems: Problems, value: Any) -> str | None:
     if value is None:
         return None
     if not isinstance(value, dict):
-        problems.error(key, value, "must be an object", "Such as {image: docker.io/library/busybox:latest}.")
+        problems.error(
+            key, value, "must be an object", "Such as {image: docker.io/library/busybox:latest}."
+        )
         return None
     check_keys(problems, key, value, ["image"])
     if "image" not in value:
@@ -241,7 +324,12 @@ def _check_verify(problems: Problems, value: Any) -> str | None:
     image = value["image"]
     normalized = normalize_image(image) if isinstance(image, str) else None
     if normalized is None:
-        problems.error(key_path_child(key, "image"), image, "invalid image reference", "Use a reference such as docker.io/library/busybox:latest.")
+        problems.error(
+            key_path_child(key, "image"),
+            image,
+            "invalid image reference",
+            "Use a reference such as docker.io/library/busybox:latest.",
+        )
         return None
     return normalized[0]
 
@@ -254,7 +342,14 @@ def _check_rollout(problems: Problems, value: Any) -> int:
         problems.error(key, value, "must be an object", "Such as {maxParallelRestarts: 1}.")
         return 1
     check_keys(problems, key, value, ["maxParallelRestarts"])
-    limit = check_int(problems, key_path_child(key, "maxParallelRestarts"), value.get("maxParallelRestarts", 1), 1, 1000, "count")
+    limit = check_int(
+        problems,
+        key_path_child(key, "maxParallelRestarts"),
+        value.get("maxParallelRestarts", 1),
+        1,
+        1000,
+        "count",
+    )
     return limit or 1
 
 
@@ -268,15 +363,30 @@ def parse_config(raw: Mapping[str, Any], secret_keys: frozenset[str] = frozenset
     values = decode_raw(raw)
     for name in values:
         if name not in TOP_LEVEL_KEYS:
-            problems.error(key_path(name), None if name in secret_keys else values[name], "unknown key", f"Known keys: {', '.join(TOP_LEVEL_KEYS)}.")
+            problems.error(
+                key_path(name),
+                None if name in secret_keys else values[name],
+                "unknown key",
+                f"Known keys: {', '.join(TOP_LEVEL_KEYS)}.",
+            )
 
     nexus = _check_nexus(problems, values.get("nexus"))
     registries = values.get("registries")
     namespaces = []
     if registries is None:
-        problems.error(key_path("registries"), None, "no registries are set", "Add at least one, such as docker.io: {nexus: {port: 8082}}.")
+        problems.error(
+            key_path("registries"),
+            None,
+            "no registries are set",
+            "Add at least one, such as docker.io: {nexus: {port: 8082}}.",
+        )
     elif not isinstance(registries, dict) or not registries:
-        problems.error(key_path("registries"), registries, "must map registry namespaces to mirrors", "Such as docker.io: {nexus: {port: 8082}}.")
+        problems.error(
+            key_path("registries"),
+            registries,
+            "must map registry namespaces to mirrors",
+            "Such as docker.io: {nexus: {port: 8082}}.",
+        )
     else:
         secret = "registries" in secret_keys or "nexus" in secret_keys
         for name in sorted(registries):
@@ -285,7 +395,9 @@ def parse_config(raw: Mapping[str, Any], secret_keys: frozenset[str] = frozenset
                 if namespace is not None:
                     namespaces.append(namespace)
 
-    containerd = _check_containerd(problems, key_path("containerd"), values.get("containerd"), Containerd())
+    containerd = _check_containerd(
+        problems, key_path("containerd"), values.get("containerd"), Containerd()
+    )
     ssh = _check_ssh(problems, values.get("ssh"))
     nodes = _check_nodes(problems, values.get("nodes"), ssh, containerd)
     for name in SECRET_KEYS:
@@ -298,18 +410,30 @@ def parse_config(raw: Mapping[str, Any], secret_keys: frozenset[str] = frozenset
             elif name == "sshPrivateKey" and values[name] != SECRET_PLACEHOLDER:
                 text = values[name]
                 if not isinstance(text, str) or "PRIVATE KEY-----" not in text:
-                    problems.secret_error(key_path(name), "is not a PEM or OpenSSH private key", "Set it from the key file: pulumi config set --secret nexus-mirror:sshPrivateKey < ~/.ssh/id_ed25519")
+                    problems.secret_error(
+                        key_path(name),
+                        "is not a PEM or OpenSSH private key",
+                        "Set it from the key file: pulumi config set --secret nexus-mirror:sshPrivateKey < ~/.ssh/id_ed25519",
+                    )
     if "sshPrivateKey" not in values:
-        problems.warn(key_path("sshPrivateKey"), "is not set: pulumi-command falls back to the SSH agent at SSH_AUTH_SOCK.")
+        problems.warn(
+            key_path("sshPrivateKey"),
+            "is not set: pulumi-command falls back to the SSH agent at SSH_AUTH_SOCK.",
+        )
     verify_image = _check_verify(problems, values.get("verify"))
     if verify_image is not None and namespaces:
-        namespace = normalize_image(verify_image)
+        image = normalize_image(verify_image)
         names = {n.name for n in namespaces}
-        if namespace and namespace[1] not in names and "_default" not in names:
-            problems.warn(key_path("verify", "image"), f"{namespace[1]} has no mirror in nexus-mirror:registries, so the test pull proves nothing.")
+        if image and image[1] not in names and "_default" not in names:
+            problems.warn(
+                key_path("verify", "image"),
+                f"{image[1]} has no mirror in nexus-mirror:registries, so the test pull proves nothing.",
+            )
     max_parallel = _check_rollout(problems, values.get("rollout"))
     if any(n.name == "_default" for n in namespaces):
-        problems.warn(key_path("registries", "_default"), "is read by containerd 1.6.17 and later only.")
+        problems.warn(
+            key_path("registries", "_default"), "is read by containerd 1.6.17 and later only."
+        )
     problems.raise_if_any()
     return MirrorConfig(
         namespaces=tuple(namespaces),

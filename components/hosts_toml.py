@@ -38,7 +38,9 @@ def _host_fields(host: Host) -> dict[str, Any]:
     if host.override_path:
         fields["override_path"] = True
     if host.headers:
-        fields["header"] = {name: values[0] if len(values) == 1 else list(values) for name, values in host.headers}
+        fields["header"] = {
+            name: values[0] if len(values) == 1 else list(values) for name, values in host.headers
+        }
     return fields
 
 
@@ -103,7 +105,9 @@ def _check_round_trip(namespace: Namespace, text: str) -> None:
     loaded = tomllib.loads(text)
     expected = expected_data(namespace)
     if loaded != expected:
-        raise RenderError(f"hosts.toml for {namespace.name} does not read back as configured: {loaded!r} != {expected!r}")
+        raise RenderError(
+            f"hosts.toml for {namespace.name} does not read back as configured: {loaded!r} != {expected!r}"
+        )
     order = list(loaded.get("host", {}))
     if order != [host.url for host in namespace.hosts]:
         raise RenderError(f"hosts.toml for {namespace.name} lists mirrors out of order: {order!r}")

@@ -16,7 +16,9 @@ from .validation import Problems, check_int, check_keys, key_path_child
 
 MODES = ("port", "subdomain", "repository")
 _REPOSITORY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_SUBDOMAIN = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+_SUBDOMAIN = re.compile(
+    r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
 
 
 def nexus_host_url(base_url: str, block: dict[str, Any]) -> tuple[str, bool]:
@@ -49,7 +51,12 @@ def check_nexus_block(
     invalid URL there is reported once rather than again for every block.
     """
     if not isinstance(value, dict):
-        problems.error(key, value, "must be an object", "Set exactly one of {port: N}, {subdomain: NAME} or {repository: NAME}.")
+        problems.error(
+            key,
+            value,
+            "must be an object",
+            "Set exactly one of {port: N}, {subdomain: NAME} or {repository: NAME}.",
+        )
         return None
     check_keys(problems, key, value, [*MODES, "capabilities"])
     modes = [mode for mode in MODES if mode in value]
@@ -72,13 +79,20 @@ def check_nexus_block(
     elif mode == "subdomain":
         name = value["subdomain"]
         if not isinstance(name, str) or not _SUBDOMAIN.match(name):
-            problems.error(mode_key, name, "invalid subdomain", "Use lowercase DNS labels such as docker-hub.")
+            problems.error(
+                mode_key, name, "invalid subdomain", "Use lowercase DNS labels such as docker-hub."
+            )
             return None
         result["subdomain"] = name
     else:
         name = value["repository"]
         if not isinstance(name, str) or not _REPOSITORY.match(name):
-            problems.error(mode_key, name, "invalid repository name", "Use the Nexus repository name, such as ghcr-proxy.")
+            problems.error(
+                mode_key,
+                name,
+                "invalid repository name",
+                "Use the Nexus repository name, such as ghcr-proxy.",
+            )
             return None
         result["repository"] = name
     if base_url is None:
@@ -92,5 +106,8 @@ def check_nexus_block(
         )
         return None
     if mode == "subdomain" and base_url.startswith("http://"):
-        problems.warn(mode_key, "Nexus subdomain connectors are served over HTTPS; plain http:// may not reach them.")
+        problems.warn(
+            mode_key,
+            "Nexus subdomain connectors are served over HTTPS; plain http:// may not reach them.",
+        )
     return result

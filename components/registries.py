@@ -20,7 +20,16 @@ from .validation import (
 )
 
 CAPABILITIES = ("pull", "resolve", "push")
-MIRROR_KEYS = ["url", "capabilities", "overridePath", "ca", "caPem", "skipVerify", "client", "headers"]
+MIRROR_KEYS = [
+    "url",
+    "capabilities",
+    "overridePath",
+    "ca",
+    "caPem",
+    "skipVerify",
+    "client",
+    "headers",
+]
 REGISTRY_KEYS = ["nexus", "mirrors", "server", "fallback"]
 _DOCKER_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
 
@@ -38,7 +47,12 @@ def check_namespace_name(problems: Problems, name: Any) -> bool:
         )
         return False
     if name in _DOCKER_HUB_ALIASES:
-        problems.error(key, name, "containerd reads Docker Hub mirrors from the docker.io directory only", "Rename the entry to docker.io.")
+        problems.error(
+            key,
+            name,
+            "containerd reads Docker Hub mirrors from the docker.io directory only",
+            "Rename the entry to docker.io.",
+        )
         return False
     return True
 
@@ -48,7 +62,12 @@ def check_capabilities(problems: Problems, key: str, value: Any) -> tuple[str, .
         return DEFAULT_CAPABILITIES
     if not isinstance(value, list) or not value:
         # containerd treats an empty list as "all capabilities", push included.
-        problems.error(key, value, "must be a non-empty list", "List some of pull, resolve, push, such as [pull, resolve].")
+        problems.error(
+            key,
+            value,
+            "must be a non-empty list",
+            "List some of pull, resolve, push, such as [pull, resolve].",
+        )
         return None
     result: list[str] = []
     for index, item in enumerate(value):
@@ -62,7 +81,9 @@ def check_capabilities(problems: Problems, key: str, value: Any) -> tuple[str, .
             )
             return None
         if item not in CAPABILITIES:
-            problems.error(item_key, item, "unknown capability", "Use pull, resolve or push (lowercase).")
+            problems.error(
+                item_key, item, "unknown capability", "Use pull, resolve or push (lowercase)."
+            )
             return None
         if item in result:
             problems.error(item_key, item, "capability listed twice", "List it once.")
@@ -71,16 +92,26 @@ def check_capabilities(problems: Problems, key: str, value: Any) -> tuple[str, .
     if "push" in result:
         problems.warn(key, "push is enabled: image pushes for this namespace go to this mirror.")
     if "resolve" not in result:
-        problems.warn(key, "without resolve, containerd never asks this mirror for tags, only for content by digest.")
+        problems.warn(
+            key,
+            "without resolve, containerd never asks this mirror for tags, only for content by digest.",
+        )
     return tuple(result)
 
 
 def _check_path_list(problems: Problems, key: str, value: Any) -> list[str] | None:
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
-        problems.error(key, value, "must be a path or a list of paths", "Give absolute paths on the node, such as [/etc/pki/ca.pem].")
+        problems.error(
+            key,
+            value,
+            "must be a path or a list of paths",
+            "Give absolute paths on the node, such as [/etc/pki/ca.pem].",
+        )
         return None
-    paths = [check_absolute_path(problems, key_path_child(key, i), item) for i, item in enumerate(items)]
+    paths = [
+        check_absolute_path(problems, key_path_child(key, i), item) for i, item in enumerate(items)
+    ]
     return None if None in paths else [p for p in paths if p]
 
 
@@ -88,14 +119,24 @@ def _check_client(problems: Problems, key: str, value: Any) -> tuple[tuple[str, 
     """Accept the forms containerd reads: a path, a list of paths, or a list of [cert, key] pairs."""
     items = [value] if isinstance(value, str) else value
     if not isinstance(items, list) or not items:
-        problems.error(key, value, "must be a path, a list of paths or a list of [cert, key] pairs", "Such as [[/etc/pki/c.crt, /etc/pki/c.key]].")
+        problems.error(
+            key,
+            value,
+            "must be a path, a list of paths or a list of [cert, key] pairs",
+            "Such as [[/etc/pki/c.crt, /etc/pki/c.key]].",
+        )
         return None
     pairs: list[tuple[str, str]] = []
     for index, item in enumerate(items):
         item_key = key_path_child(key, index)
         if isinstance(item, list):
             if len(item) != 2:
-                problems.error(item_key, item, "a client pair needs exactly a certificate and a key", "Write [cert path, key path].")
+                problems.error(
+                    item_key,
+                    item,
+                    "a client pair needs exactly a certificate and a key",
+                    "Write [cert path, key path].",
+                )
                 return None
             cert = check_absolute_path(problems, key_path_child(item_key, 0), item[0])
             private = check_absolute_path(problems, key_path_child(item_key, 1), item[1])
@@ -110,9 +151,16 @@ def _check_client(problems: Problems, key: str, value: Any) -> tuple[tuple[str, 
     return tuple(pairs)
 
 
-def _check_headers(problems: Problems, key: str, value: Any) -> tuple[tuple[str, tuple[str, ...]], ...] | None:
+def _check_headers(
+    problems: Problems, key: str, value: Any
+) -> tuple[tuple[str, tuple[str, ...]], ...] | None:
     if not isinstance(value, dict) or not value:
-        problems.error(key, value, "must map header names to a value or a list of values", "Such as {X-Custom: [a, b]}.")
+        problems.error(
+            key,
+            value,
+            "must map header names to a value or a list of values",
+            "Such as {X-Custom: [a, b]}.",
+        )
         return None
     seen: dict[str, str] = {}
     result: list[tuple[str, tuple[str, ...]]] = []
@@ -122,19 +170,39 @@ def _check_headers(problems: Problems, key: str, value: Any) -> tuple[tuple[str,
             return None
         if name.lower() in seen:
             # containerd keeps header names as written, so both spellings would be sent.
-            problems.error(name_key, name, f"same header as {seen[name.lower()]!r} (names are case-insensitive)", "Keep one of them.")
+            problems.error(
+                name_key,
+                name,
+                f"same header as {seen[name.lower()]!r} (names are case-insensitive)",
+                "Keep one of them.",
+            )
             return None
         seen[name.lower()] = name
         values = [raw] if isinstance(raw, str) else raw
         if not isinstance(values, list) or not values:
-            problems.error(name_key, raw, "header value must be a string or a non-empty list of strings", "Such as a or [a, b].")
+            problems.error(
+                name_key,
+                raw,
+                "header value must be a string or a non-empty list of strings",
+                "Such as a or [a, b].",
+            )
             return None
         for index, item in enumerate(values):
             if not isinstance(item, str):
-                problems.error(key_path_child(name_key, index), item, "header value must be a string", "Quote it.")
+                problems.error(
+                    key_path_child(name_key, index),
+                    item,
+                    "header value must be a string",
+                    "Quote it.",
+                )
                 return None
             if any(c in item for c in "\r\n\0"):
-                problems.error(key_path_child(name_key, index), item, "header value contains a line break or NUL", "Remove it: it would let the value inject further headers.")
+                problems.error(
+                    key_path_child(name_key, index),
+                    item,
+                    "header value contains a line break or NUL",
+                    "Remove it: it would let the value inject further headers.",
+                )
                 return None
         result.append((name, tuple(values)))
     return tuple(result)
@@ -145,7 +213,12 @@ def _check_url_path(problems: Problems, key: str, url: str, override_path: bool)
     path = url.split("://", 1)[1].partition("/")[2]
     path = "/" + path if path else ""
     if override_path and not path:
-        problems.error(key, url, "overridePath with no path makes requests lose /v2 and fail", "Remove overridePath, or add the API root path to the URL.")
+        problems.error(
+            key,
+            url,
+            "overridePath with no path makes requests lose /v2 and fail",
+            "Remove overridePath, or add the API root path to the URL.",
+        )
         return False
     if not override_path and "/v2/" in path + "/" and not path.endswith("/v2"):
         problems.error(
@@ -156,25 +229,44 @@ def _check_url_path(problems: Problems, key: str, url: str, override_path: bool)
         )
         return False
     if override_path and "v2" not in path.split("/"):
-        problems.warn(key, f"overridePath with path {path} sends requests there without any /v2; most registries need /v2 in it.")
+        problems.warn(
+            key,
+            f"overridePath with path {path} sends requests there without any /v2; most registries need /v2 in it.",
+        )
     return True
 
 
-def check_mirror(problems: Problems, key: str, value: Any, index: int) -> tuple[Host, list[InlineFile]] | None:
+def check_mirror(
+    problems: Problems, key: str, value: Any, index: int
+) -> tuple[Host, list[InlineFile]] | None:
     if not isinstance(value, dict):
-        problems.error(key, value, "must be an object with at least url", "Such as {url: https://mirror.internal}.")
+        problems.error(
+            key,
+            value,
+            "must be an object with at least url",
+            "Such as {url: https://mirror.internal}.",
+        )
         return None
     check_keys(problems, key, value, MIRROR_KEYS)
     url = check_url(problems, key_path_child(key, "url"), value.get("url"))
-    capabilities = check_capabilities(problems, key_path_child(key, "capabilities"), value.get("capabilities"))
+    capabilities = check_capabilities(
+        problems, key_path_child(key, "capabilities"), value.get("capabilities")
+    )
     override_path = False
     if "overridePath" in value:
-        override_path = bool(check_bool(problems, key_path_child(key, "overridePath"), value["overridePath"]))
+        override_path = bool(
+            check_bool(problems, key_path_child(key, "overridePath"), value["overridePath"])
+        )
     skip_verify = False
     if "skipVerify" in value:
-        skip_verify = bool(check_bool(problems, key_path_child(key, "skipVerify"), value["skipVerify"]))
+        skip_verify = bool(
+            check_bool(problems, key_path_child(key, "skipVerify"), value["skipVerify"])
+        )
         if skip_verify:
-            problems.warn(key_path_child(key, "skipVerify"), "TLS certificates of this mirror are not verified; use it for testing only.")
+            problems.warn(
+                key_path_child(key, "skipVerify"),
+                "TLS certificates of this mirror are not verified; use it for testing only.",
+            )
     ca: list[str] = []
     files: list[InlineFile] = []
     if "ca" in value:
@@ -219,14 +311,21 @@ def check_registry(
 ) -> Namespace | None:
     key = key_path("registries", name)
     if not isinstance(value, dict):
-        problems.error(key, value, "must be an object", "Set nexus: {...} and/or mirrors: [...] for this registry.")
+        problems.error(
+            key,
+            value,
+            "must be an object",
+            "Set nexus: {...} and/or mirrors: [...] for this registry.",
+        )
         return None
     check_keys(problems, key, value, REGISTRY_KEYS)
     hosts: list[Host] = []
     files: list[InlineFile] = []
     if "nexus" in value:
         nexus_key = key_path_child(key, "nexus")
-        block = check_nexus_block(problems, nexus_key, value["nexus"], nexus["url"] if nexus else None, nexus is not None)
+        block = check_nexus_block(
+            problems, nexus_key, value["nexus"], nexus["url"] if nexus else None, nexus is not None
+        )
         capabilities = check_capabilities(
             problems,
             key_path_child(nexus_key, "capabilities"),
@@ -252,7 +351,12 @@ def check_registry(
         mirrors_key = key_path_child(key, "mirrors")
         mirrors = value["mirrors"]
         if not isinstance(mirrors, list) or not mirrors:
-            problems.error(mirrors_key, mirrors, "must be a non-empty list", "List mirror objects such as [{url: https://mirror.internal}], or remove the key.")
+            problems.error(
+                mirrors_key,
+                mirrors,
+                "must be a non-empty list",
+                "List mirror objects such as [{url: https://mirror.internal}], or remove the key.",
+            )
         else:
             for index, item in enumerate(mirrors):
                 checked = check_mirror(problems, key_path_child(mirrors_key, index), item, index)
@@ -260,16 +364,28 @@ def check_registry(
                     hosts.append(checked[0])
                     files.extend(checked[1])
     if "nexus" not in value and "mirrors" not in value:
-        problems.error(key, value, "sets no mirror", "Add nexus: {port: N} (or subdomain/repository) or mirrors: [{url: ...}].")
+        problems.error(
+            key,
+            value,
+            "sets no mirror",
+            "Add nexus: {port: N} (or subdomain/repository) or mirrors: [{url: ...}].",
+        )
         return None
     seen: dict[str, str] = {}
     for host in hosts:
         if host.url in seen:
-            problems.error(host.config_key, host.url, f"mirror URL is already used by {seen[host.url]}", "List each mirror once.")
+            problems.error(
+                host.config_key,
+                host.url,
+                f"mirror URL is already used by {seen[host.url]}",
+                "List each mirror once.",
+            )
         seen.setdefault(host.url, host.config_key)
     fallback = True
     if "fallback" in value:
-        fallback = check_bool(problems, key_path_child(key, "fallback"), value["fallback"]) is not False
+        fallback = (
+            check_bool(problems, key_path_child(key, "fallback"), value["fallback"]) is not False
+        )
     server: Host | None = None
     if "server" in value:
         server_key = key_path_child(key, "server")
@@ -291,5 +407,14 @@ def check_registry(
         server = hosts[-1]
     names = [f.name for f in files]
     for duplicate in {n for n in names if names.count(n) > 1}:
-        problems.error(key, duplicate, "two inline PEM files would share one name", "Report this as a bug.")
-    return Namespace(name=name, hosts=tuple(hosts), server=server, fallback=fallback, files=tuple(files), secret=secret)
+        problems.error(
+            key, duplicate, "two inline PEM files would share one name", "Report this as a bug."
+        )
+    return Namespace(
+        name=name,
+        hosts=tuple(hosts),
+        server=server,
+        fallback=fallback,
+        files=tuple(files),
+        secret=secret,
+    )

@@ -19,7 +19,9 @@ _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
-_HOST_KEY = re.compile(r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,2}$")
+_HOST_KEY = re.compile(
+    r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,2}$"
+)
 
 
 class ConfigError(Exception):
@@ -65,7 +67,9 @@ class Problems:
     """Full key names held as Pulumi secrets: values below them are never shown."""
 
     def error(self, key: str, value: Any, problem: str, fix: str) -> None:
-        if any(key == name or key.startswith((name + ".", name + "[")) for name in self.secret_keys):
+        if any(
+            key == name or key.startswith((name + ".", name + "[")) for name in self.secret_keys
+        ):
             self.secret_error(key, problem, fix)
             return
         self.errors.append(f"{key}: {problem} (got {show(value)}). {fix}")
@@ -150,32 +154,55 @@ def check_url(problems: Problems, key: str, value: Any, *, allow_path: bool = Tr
     appends ``/v2``, so ``https://m/`` would be requested as ``https://m//v2``.
     """
     if not isinstance(value, str) or not value:
-        problems.error(key, value, "must be a URL", "Set it to a URL such as https://nexus.example.net:8082.")
+        problems.error(
+            key, value, "must be a URL", "Set it to a URL such as https://nexus.example.net:8082."
+        )
         return None
     if any(c in value for c in "\r\n\t\0 "):
         problems.error(key, value, "URL contains white space or a control character", "Remove it.")
         return None
     if "://" not in value:
-        problems.error(key, value, "URL has no scheme", f"Write it as https://{value} (or http:// for plain HTTP).")
+        problems.error(
+            key,
+            value,
+            "URL has no scheme",
+            f"Write it as https://{value} (or http:// for plain HTTP).",
+        )
         return None
     try:
         parts = urlsplit(value)
         port = parts.port
     except ValueError as error:
-        problems.error(key, value, f"invalid URL ({error})", "Write it as scheme://host[:port][/path].")
+        problems.error(
+            key, value, f"invalid URL ({error})", "Write it as scheme://host[:port][/path]."
+        )
         return None
     if parts.scheme not in ("http", "https"):
-        problems.error(key, value, f"unsupported scheme {parts.scheme!r}", "Use https:// or http://.")
+        problems.error(
+            key, value, f"unsupported scheme {parts.scheme!r}", "Use https:// or http://."
+        )
         return None
     if parts.username is not None or parts.password is not None:
-        problems.error(key, value, "URL contains credentials", "Remove user:password@ from the URL; containerd does not read them there.")
+        problems.error(
+            key,
+            value,
+            "URL contains credentials",
+            "Remove user:password@ from the URL; containerd does not read them there.",
+        )
         return None
     if parts.query or parts.fragment:
-        problems.error(key, value, "URL has a query or fragment", "Remove everything from ? or # on; containerd adds its own query.")
+        problems.error(
+            key,
+            value,
+            "URL has a query or fragment",
+            "Remove everything from ? or # on; containerd adds its own query.",
+        )
         return None
     host = parts.netloc.rsplit(":", 1)[0] if port is not None else parts.netloc
     if not is_hostname(host.lower()) or host != host.lower():
-        problems.error(key, value, f"invalid host {host!r}", "Use a lowercase DNS name or an IP address.")
+        problems.error(
+            key, value, f"invalid host {host!r}", "Use a lowercase DNS name or an IP address."
+        )
         return None
     if port is not None and not 1 <= port <= 65535:
         problems.error(key, value, f"port {port} is out of range", "Use a port from 1 to 65535.")
@@ -188,22 +215,38 @@ def check_url(problems: Problems, key: str, value: Any, *, allow_path: bool = Tr
         problems.error(key, value, "URL path is not clean", "Remove empty, . and .. path segments.")
         return None
     if parts.scheme == "http":
-        problems.warn(key, f"{value} is plain HTTP: image data and any credentials travel unencrypted.")
+        problems.warn(
+            key, f"{value} is plain HTTP: image data and any credentials travel unencrypted."
+        )
     return f"{parts.scheme}://{parts.netloc}{path}"
 
 
-def check_absolute_path(problems: Problems, key: str, value: Any, what: str = "path on the node") -> str | None:
+def check_absolute_path(
+    problems: Problems, key: str, value: Any, what: str = "path on the node"
+) -> str | None:
     if not isinstance(value, str) or not value:
-        problems.error(key, value, f"must be an absolute {what}", "Set it to an absolute path such as /etc/pki/ca.pem.")
+        problems.error(
+            key,
+            value,
+            f"must be an absolute {what}",
+            "Set it to an absolute path such as /etc/pki/ca.pem.",
+        )
         return None
     if not value.startswith("/"):
-        problems.error(key, value, f"{what} is relative", f"Use an absolute path such as /{value.lstrip('./')}.")
+        problems.error(
+            key,
+            value,
+            f"{what} is relative",
+            f"Use an absolute path such as /{value.lstrip('./')}.",
+        )
         return None
     if any(c in value for c in "\r\n\0"):
         problems.error(key, value, f"{what} contains a line break or NUL", "Remove it.")
         return None
     if "/../" in value + "/" or "/./" in value + "/":
-        problems.error(key, value, f"{what} contains . or .. segments", "Write the path without them.")
+        problems.error(
+            key, value, f"{what} contains . or .. segments", "Write the path without them."
+        )
         return None
     if value != "/" and value.endswith("/"):
         return value.rstrip("/")
@@ -217,9 +260,16 @@ def check_bool(problems: Problems, key: str, value: Any) -> bool | None:
     return None
 
 
-def check_int(problems: Problems, key: str, value: Any, low: int, high: int, what: str = "number") -> int | None:
+def check_int(
+    problems: Problems, key: str, value: Any, low: int, high: int, what: str = "number"
+) -> int | None:
     if isinstance(value, bool) or not isinstance(value, int):
-        problems.error(key, value, f"must be a whole {what}", f"Write a number from {low} to {high} without quotes.")
+        problems.error(
+            key,
+            value,
+            f"must be a whole {what}",
+            f"Write a number from {low} to {high} without quotes.",
+        )
         return None
     if not low <= value <= high:
         problems.error(key, value, f"{what} is out of range", f"Use a number from {low} to {high}.")
@@ -227,11 +277,15 @@ def check_int(problems: Problems, key: str, value: Any, low: int, high: int, wha
     return value
 
 
-def check_text(problems: Problems, key: str, value: Any, what: str = "text", *, secret: bool = False) -> str | None:
+def check_text(
+    problems: Problems, key: str, value: Any, what: str = "text", *, secret: bool = False
+) -> str | None:
     """Check a one-line, non-empty string."""
     if not isinstance(value, str) or not value.strip():
         if secret:
-            problems.secret_error(key, f"must be non-empty {what}", "Set it with pulumi config set --secret.")
+            problems.secret_error(
+                key, f"must be non-empty {what}", "Set it with pulumi config set --secret."
+            )
         else:
             problems.error(key, value, f"must be non-empty {what}", f"Set it to a {what}.")
         return None
@@ -239,7 +293,12 @@ def check_text(problems: Problems, key: str, value: Any, what: str = "text", *, 
         if secret:
             problems.secret_error(key, f"{what} contains a line break or NUL", "Remove it.")
         else:
-            problems.error(key, value, f"{what} contains a line break or NUL", "Remove it; it would split the line it is written into.")
+            problems.error(
+                key,
+                value,
+                f"{what} contains a line break or NUL",
+                "Remove it; it would split the line it is written into.",
+            )
         return None
     return value
 
@@ -247,13 +306,28 @@ def check_text(problems: Problems, key: str, value: Any, what: str = "text", *, 
 def check_pem(problems: Problems, key: str, value: Any) -> str | None:
     """Check inline PEM holding one or more certificates; return it with one final newline."""
     if not isinstance(value, str) or "-----BEGIN CERTIFICATE-----" not in value:
-        problems.error(key, value, "must hold PEM certificates", "Paste the CA certificate(s), from -----BEGIN CERTIFICATE----- to -----END CERTIFICATE-----.")
+        problems.error(
+            key,
+            value,
+            "must hold PEM certificates",
+            "Paste the CA certificate(s), from -----BEGIN CERTIFICATE----- to -----END CERTIFICATE-----.",
+        )
         return None
     if value.count("-----BEGIN CERTIFICATE-----") != value.count("-----END CERTIFICATE-----"):
-        problems.error(key, value, "PEM is cut short: BEGIN and END lines do not pair up", "Paste each certificate whole.")
+        problems.error(
+            key,
+            value,
+            "PEM is cut short: BEGIN and END lines do not pair up",
+            "Paste each certificate whole.",
+        )
         return None
     if "PRIVATE KEY" in value:
-        problems.error(key, value, "contains a private key", "Keep only certificates here; a CA file is world-readable on the node.")
+        problems.error(
+            key,
+            value,
+            "contains a private key",
+            "Keep only certificates here; a CA file is world-readable on the node.",
+        )
         return None
     if "\0" in value:
         problems.error(key, value, "contains NUL", "Remove it.")
@@ -263,14 +337,21 @@ def check_pem(problems: Problems, key: str, value: Any) -> str | None:
 
 def check_header_name(problems: Problems, key: str, name: str) -> bool:
     if not _HEADER_NAME.match(name):
-        problems.error(key, name, "invalid HTTP header name", "Use letters, digits and -, such as X-Api-Key.")
+        problems.error(
+            key, name, "invalid HTTP header name", "Use letters, digits and -, such as X-Api-Key."
+        )
         return False
     return True
 
 
 def check_name(problems: Problems, key: str, value: Any) -> str | None:
     if not isinstance(value, str) or not _NAME.match(value):
-        problems.error(key, value, "invalid name", "Use up to 63 letters, digits, '.', '_' or '-', starting with a letter or digit.")
+        problems.error(
+            key,
+            value,
+            "invalid name",
+            "Use up to 63 letters, digits, '.', '_' or '-', starting with a letter or digit.",
+        )
         return None
     return value
 
@@ -284,11 +365,21 @@ def check_user(problems: Problems, key: str, value: Any) -> str | None:
 
 def check_host_key(problems: Problems, key: str, value: Any) -> str | None:
     if not isinstance(value, str):
-        problems.error(key, value, "must be a public host key", "Copy the 'type base64' part of ssh-keyscan's output, such as ssh-ed25519 AAAA....")
+        problems.error(
+            key,
+            value,
+            "must be a public host key",
+            "Copy the 'type base64' part of ssh-keyscan's output, such as ssh-ed25519 AAAA....",
+        )
         return None
     text = " ".join(value.split()[:2])
     if not _HOST_KEY.match(text):
-        problems.error(key, value, "invalid host key", "Copy the 'type base64' part of ssh-keyscan's output, such as ssh-ed25519 AAAA....")
+        problems.error(
+            key,
+            value,
+            "invalid host key",
+            "Copy the 'type base64' part of ssh-keyscan's output, such as ssh-ed25519 AAAA....",
+        )
         return None
     return text
 
@@ -302,5 +393,7 @@ def check_ssh_host(problems: Problems, key: str, value: Any) -> str | None:
             return value
         except ValueError:
             pass
-    problems.error(key, value, "invalid host", "Use a DNS name or an IP address, without scheme or port.")
+    problems.error(
+        key, value, "invalid host", "Use a DNS name or an IP address, without scheme or port."
+    )
     return None

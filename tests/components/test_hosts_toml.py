@@ -9,7 +9,13 @@ import pytest
 import yaml
 
 from components.config import parse_config
-from components.hosts_toml import MANAGED_MARKER, RenderError, expected_data, render_files, render_hosts_toml
+from components.hosts_toml import (
+    MANAGED_MARKER,
+    RenderError,
+    expected_data,
+    render_files,
+    render_hosts_toml,
+)
 from components.model import Host, Namespace
 
 FIXTURES = Path(__file__).parent / "fixtures" / "render"
@@ -61,7 +67,10 @@ def test_expected_data_keeps_mirror_order() -> None:
 
 def test_trailing_slash_is_dropped() -> None:
     config = parse_config(
-        {"registries": {"docker.io": {"mirrors": [{"url": "https://m.example/"}]}}, "nodes": [{"host": "n"}]}
+        {
+            "registries": {"docker.io": {"mirrors": [{"url": "https://m.example/"}]}},
+            "nodes": [{"host": "n"}],
+        }
     )
     text = render_hosts_toml(config.namespaces[0])
     # containerd would clean "/" and request https://m.example//v2/...
