@@ -1,0 +1,89 @@
+"""Fixtures of the end-to-end tests: one loopback lab per test module, nodes reset per test."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.e2e.lab import Lab, build_image, cri_plugin_status, start_lab, stop_lab
+from tests.e2e.replay import ReplayMocks, ReplayState, destroy
+from tests.e2e.stack import lab_config, write_stack_file
+from tests.program_run import ProgramRun, run_program, stack_config
+
+
+@pytest.fixture(scope="module")
+def lab() -> Iterator[Lab]:
+    """A running lab with two containerd nodes and the test image in the upstream registry."""
+    directory = Path(tempfile.mkdtemp(prefix="nm-e2e-", dir="/tmp"))
+    started = start_lab(directory, nodes=2)
+    try:
+        build_image(started)
+        for node in started.nodes:
+            shutil.copy2(node.config, node.dir / "config.toml.pristine")
+        yield started
+    finally:
+        stop_lab(directory)
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def reset_node(lab: Lab, name: str) -> None:
+    """Put a lab node back as it was started: its own config.toml, no certs.d, no state."""
+    node = lab.node(name)
+    pristine = node.dir / "config.toml.pristine"
+    changed = node.config.read_bytes() != pristine.read_bytes()
+    shutil.copy2(pristine, node.config)
+    shutil.rmtree(node.certs_dir, ignore_errors=True)
+    shutil.rmtree(node.dir / "nexus-mirror-state", ignore_errors=True)
+    if changed or cri_plugin_status(node) != "ok":
+        subprocess.run(
+            ["sh", "-c", node.restart_command], check=True, timeout=60, capture_output=True
+        )
+
+
+@dataclass
+class Stack:
+    """One stack on the lab: its file, its replayed state and the runs made so far."""
+
+    lab: Lab
+    directory: Path
+    state: ReplayState = field(default_factory=ReplayState)
+
+    def up(self, config: dict[str, Any]) -> ProgramRun:
+        """Write the stack file and apply it: ``pulumi up`` through the replay."""
+        stack_file = write_stack_file(self.directory / "Pulumi.lab.yaml", config)
+        values, secret_names = stack_config(
+            stack_file, secrets={"sshPrivateKey": self.lab.ssh_key.read_text()}
+        )
+        mocks = ReplayMocks(self.state)
+        run = run_program(mocks, values, secret_names, stack="lab")
+        mocks.delete_unregistered()
+        return run
+
+    def destroy(self) -> None:
+        destroy(self.state)
+
+    def executions(self, operation: str | None = None, resource_suffix: str = "") -> list:
+        return [
+            e
+            for e in self.state.executions
+            if (operation is None or e.operation == operation)
+            and e.resource.endswith(resource_suffix)
+        ]
+
+    def config(self, nodes: list[str] | None = None, **overrides: Any) -> dict[str, Any]:
+        return lab_config(self.lab, nodes, **overrides)
+
+
+@pytest.fixture
+def stack(lab: Lab, tmp_path: Path) -> Iterator[Stack]:
+    """A new stack on freshly reset lab nodes."""
+    for node in lab.nodes:
+        reset_node(lab, node.name)
+    yield Stack(lab, tmp_path)
