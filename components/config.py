@@ -357,7 +357,7 @@ def parse_config(raw: Mapping[str, Any], secret_keys: frozenset[str] = frozenset
     """Validate the ``nexus-mirror`` namespace of a stack; raise ``ConfigError`` on any problem.
 
     ``raw`` maps key names without the namespace to their values; ``secret_keys``
-    names those that Pulumi holds as secrets.
+    names the keys that Pulumi stores as secrets.
     """
     problems = Problems(secret_keys=tuple(key_path(name) for name in sorted(secret_keys)))
     values = decode_raw(raw)
