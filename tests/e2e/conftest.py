@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from tests.e2e.lab import Lab, build_image, cri_plugin_status, start_lab, stop_lab
+from tests.e2e.pulumi_cli import CliStack, cli_requested
 from tests.e2e.replay import ReplayMocks, ReplayState, destroy
 from tests.e2e.stack import lab_config, write_stack_file
 from tests.program_run import ProgramRun, run_program, stack_config
@@ -83,7 +84,10 @@ class Stack:
 
 @pytest.fixture
 def stack(lab: Lab, tmp_path: Path) -> Iterator[Stack]:
-    """A new stack on freshly reset lab nodes."""
+    """A new stack on freshly reset lab nodes, replayed or, when asked for, with the Pulumi CLI."""
     for node in lab.nodes:
         reset_node(lab, node.name)
-    yield Stack(lab, tmp_path)
+    if cli_requested():
+        yield CliStack(lab, tmp_path)  # type: ignore[misc]
+    else:
+        yield Stack(lab, tmp_path)

@@ -9,13 +9,16 @@ from __future__ import annotations
 import json
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
+from components.render import render_stack
 from tests.e2e.conftest import Stack
 from tests.e2e.cri import ImageServiceClient
-from tests.e2e.lab import IMAGE_REFERENCE, Lab, build_image, cri_plugin_status, mirror_log
+from tests.e2e.lab import IMAGE_REFERENCE, Lab, build_image, cri_plugin_status, mirror_log, run_ssh
 from tests.e2e.replay import CommandFailed
+from tests.e2e.stack import write_stack_file
 
 
 def _pull_through_mirror(lab: Lab, node: str, image: str = IMAGE_REFERENCE) -> None:
@@ -57,27 +60,25 @@ def test_same_apply_again_changes_nothing(stack: Stack, lab: Lab) -> None:
     stack.up(config)
     config_before = lab.node("node-a").config.read_bytes()
     pid_before = lab.node("node-a").pid_file.read_text()
-    count = len(stack.state.executions)
+    count = len(stack.executions())
     stack.up(config)
-    assert len(stack.state.executions) == count
+    assert len(stack.executions()) == count
     assert lab.node("node-a").config.read_bytes() == config_before
     assert lab.node("node-a").pid_file.read_text() == pid_before
 
 
-def test_node_script_rerun_reports_nothing_changed(stack: Stack, lab: Lab) -> None:
-    # pulumi up --refresh or a replaced resource runs the command again with the same input.
-    stack.up(stack.config())
-    for execution in list(stack.state.executions):
-        resource = stack.state.resources[execution.resource]
-        mocks_inputs = resource["inputs"]
-        from tests.e2e.replay import _ssh
-
-        code, stdout, _ = _ssh(
-            mocks_inputs["connection"], mocks_inputs["create"], mocks_inputs["stdin"], 120
-        )
-        assert code == 0
+def test_node_script_rerun_reports_nothing_changed(stack: Stack, lab: Lab, tmp_path: Path) -> None:
+    # A replaced resource or a manual rerun runs a command again with the same input.
+    config = stack.config()
+    stack.up(config)
+    stack_file = write_stack_file(tmp_path / "Pulumi.rerun.yaml", config)
+    render_stack(stack_file, tmp_path / "rendered")
+    for mode in ("config", "hosts"):
+        stdin = (tmp_path / "rendered" / "node-a" / f"{mode}.stdin.sh").read_text()
+        code, stdout, stderr = run_ssh(lab, f"sh -s -- {mode}", stdin)
+        assert code == 0, stderr
         report = json.loads(stdout.strip().splitlines()[-1])
-        if execution.resource.endswith("-config"):
+        if mode == "config":
             assert report["configChanged"] is False
             assert report["restarted"] is False
         else:
