@@ -1,0 +1,89 @@
+"""The render command: a stack file to each node's files, without Pulumi."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from components.render import main
+from tests.program_run import ROOT
+
+STACK = {
+    "config": {
+        "nexus-mirror:nexus": {"url": "https://nexus.example.net"},
+        "nexus-mirror:registries": {
+            "docker.io": {
+                "nexus": {"port": 8082},
+                "mirrors": [
+                    {"url": "https://m.internal", "headers": {"X-Token": {"secure": "v1:abc"}}}
+                ],
+            }
+        },
+        "nexus-mirror:nodes": [{"name": "worker-1", "host": "10.0.0.11"}],
+        "nexus-mirror:sshPrivateKey": {"secure": "v1:c2VjcmV0"},
+    }
+}
+
+
+def _write(tmp_path: Path, document: dict) -> Path:
+    (tmp_path / "Pulumi.test.yaml").write_text(yaml.safe_dump(document))
+    return tmp_path
+
+
+def test_render_writes_node_files(tmp_path: Path) -> None:
+    project = _write(tmp_path, STACK)
+    assert (
+        main(["render", "--stack", "test", "--out", str(tmp_path / "out"), "--dir", str(project)])
+        == 0
+    )
+    node = tmp_path / "out" / "worker-1"
+    hosts = (node / "etc/containerd/certs.d/docker.io/hosts.toml").read_text()
+    assert '[host."https://nexus.example.net:8082"]' in hosts
+    assert (node / "hosts.stdin.sh").read_text().rstrip().endswith('nm_main "$@" </dev/null')
+    assert (node / "config.stdin.sh").exists()
+
+
+def test_render_masks_encrypted_values(tmp_path: Path) -> None:
+    project = _write(tmp_path, STACK)
+    main(["render", "--stack", "test", "--out", str(tmp_path / "out"), "--dir", str(project)])
+    hosts = (tmp_path / "out/worker-1/etc/containerd/certs.d/docker.io/hosts.toml").read_text()
+    assert 'X-Token = "[secret]"' in hosts
+    everything = "".join(p.read_text() for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert "v1:abc" not in everything
+    assert "c2VjcmV0" not in everything
+
+
+def test_render_rejects_invalid_config(tmp_path: Path) -> None:
+    document = yaml.safe_load(yaml.safe_dump(STACK))
+    document["config"]["nexus-mirror:nodes"] = [{"host": "10.0.0.11", "port": 70000}]
+    project = _write(tmp_path, document)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "components",
+            "render",
+            "--stack",
+            "test",
+            "--out",
+            str(tmp_path / "out"),
+            "--dir",
+            str(project),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 1
+    assert "nexus-mirror:nodes[0].port: port is out of range (got 70000)" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_render_missing_stack_file(tmp_path: Path) -> None:
+    assert (
+        main(["render", "--stack", "nope", "--out", str(tmp_path / "out"), "--dir", str(tmp_path)])
+        == 2
+    )
