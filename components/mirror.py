@@ -26,9 +26,14 @@ def restart_batches(nodes: Sequence[Node], size: int) -> list[list[Node]]:
     return [managed[start : start + size] for start in range(0, len(managed), size)]
 
 
-def _report_merger(config: MirrorConfig, host: str) -> Callable[[list[Any]], dict[str, Any]]:
+def _report_merger(
+    config: MirrorConfig, node: Node, resource: pulumi.Resource
+) -> Callable[[list[Any]], dict[str, Any]]:
     def merge(reports: list[Any]) -> dict[str, Any]:
-        return node_output(config, host, reports[0], reports[1])
+        output = node_output(config, node, reports[0], reports[1])
+        for warning in output["warnings"]:
+            pulumi.log.warn(f"node {node.name}: {warning}", resource=resource)
+        return output
 
     return merge
 
@@ -106,7 +111,7 @@ class NexusMirror(pulumi.ComponentResource):
                 config_command.stdout if config_command is not None else ""
             )
             node_outputs[node.name] = pulumi.Output.all(config_stdout, hosts_command.stdout).apply(
-                _report_merger(config, node.host)
+                _report_merger(config, node, hosts_command)
             )
 
         hosts_toml: dict[str, Any] = {}

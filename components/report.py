@@ -11,7 +11,7 @@ import json
 from typing import Any
 
 from .config import normalize_image
-from .model import MirrorConfig
+from .model import MirrorConfig, Node
 
 
 def parse_report(stdout: str | None) -> dict[str, Any]:
@@ -40,10 +40,45 @@ def mirror_authorities(config: MirrorConfig, image: str) -> set[str]:
     return {host.authority for host in namespace.hosts}
 
 
+def _version(text: str | None) -> tuple[int, ...] | None:
+    parts = (text or "").split(".")
+    if len(parts) < 3 or not all(part.isdigit() for part in parts[:3]):
+        return None
+    return tuple(int(part) for part in parts[:3])
+
+
+def node_warnings(config: MirrorConfig, node: Node, report: dict[str, Any]) -> list[str]:
+    """Return what a node's report shows to be wrong although the apply succeeded."""
+    warnings = []
+    effective = report.get("configPath")
+    wanted = node.containerd.config_path
+    if report and effective is not None and effective.rstrip("/") != wanted:
+        shown = effective or "nothing"
+        warnings.append(
+            f"containerd's config_path is {shown}, but the mirrors were written to {wanted}, so "
+            "pulls bypass them; set nexus-mirror:containerd.configPath to containerd's value "
+            "or let nexus-mirror manage config.toml."
+        )
+    version = _version(report.get("containerdVersion"))
+    if version is not None and version < (1, 6, 17):
+        if any(namespace.name == "_default" for namespace in config.namespaces):
+            warnings.append(
+                f"containerd {report['containerdVersion']} ignores _default (read from 1.6.17 on)."
+            )
+    for mirror in report.get("mirrors", []):
+        if isinstance(mirror, dict) and mirror.get("up") is False:
+            warnings.append(
+                f"mirror {mirror.get('url')} for {mirror.get('namespace')} answered "
+                f"{mirror.get('status') or 'nothing'} to GET /v2/ from the node."
+            )
+    return warnings
+
+
 def node_output(
-    config: MirrorConfig, host: str, config_stdout: str | None, hosts_stdout: str | None
+    config: MirrorConfig, node: Node, config_stdout: str | None, hosts_stdout: str | None
 ) -> dict[str, Any]:
     """Merge the two reports of one node into its entry of the ``nodes`` output."""
+    host = node.host
     config_report = parse_report(config_stdout)
     hosts_report = parse_report(hosts_stdout)
     verification = hosts_report.get("verification")
@@ -65,4 +100,5 @@ def node_output(
         "files": hosts_report.get("files", []),
         "mirrors": hosts_report.get("mirrors", []),
         "verification": verification,
+        "warnings": node_warnings(config, node, hosts_report),
     }
