@@ -3,6 +3,7 @@
 import pulumi
 
 from components.config import parse_config
+from components.kubernetes.component import KubernetesMirror
 from components.mirror import NexusMirror
 from components.program_config import read_program_config
 from components.validation import ConfigError
@@ -13,12 +14,17 @@ try:
 except ConfigError as error:
     raise pulumi.RunError(str(error)) from None
 
-config = pulumi.Config("nexus-mirror")
-mirror = NexusMirror(
-    "nexus-mirror",
-    mirror_config,
-    private_key=config.get_secret("sshPrivateKey"),
-    private_key_password=config.get_secret("sshPrivateKeyPassword"),
-)
+mirror: NexusMirror | KubernetesMirror
+if mirror_config.delivery == "kubernetes":
+    mirror = KubernetesMirror("nexus-mirror", mirror_config)
+    pulumi.export("kubernetes", mirror.kubernetes)
+else:
+    config = pulumi.Config("nexus-mirror")
+    mirror = NexusMirror(
+        "nexus-mirror",
+        mirror_config,
+        private_key=config.get_secret("sshPrivateKey"),
+        private_key_password=config.get_secret("sshPrivateKeyPassword"),
+    )
 pulumi.export("hostsToml", mirror.hosts_toml)
 pulumi.export("nodes", mirror.nodes)

@@ -18,6 +18,6 @@ fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
-shellcheck -s sh components/node/nexus-mirror-node.sh lab/*.sh test.sh up.sh
+shellcheck -s sh components/node/*.sh lab/*.sh test.sh up.sh .ci/run
 # Every test runs; the end-to-end tests fail rather than skip when the lab cannot start.
 .venv/bin/python -m pytest -ra "$@"

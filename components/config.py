@@ -13,6 +13,18 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from .credentials import (
+    INLINE_SECRET_KEYS,
+    NEXUS_CLIENT_KEY,
+    NEXUS_CREDENTIAL_KEYS,
+    NEXUS_PASSWORD,
+    SecretKeys,
+    check_credential_use,
+    check_nexus_credentials,
+    config_auth_tables,
+    referenced_keys,
+)
+from .kubernetes.settings import check_delivery, check_kubernetes, reject_ssh_keys
 from .model import Bastion, Containerd, MirrorConfig, Node, Ssh
 from .registries import check_namespace_name, check_registry
 from .validation import (
@@ -31,10 +43,13 @@ from .validation import (
     check_user,
     key_path,
     key_path_child,
+    key_text,
 )
 
 TOP_LEVEL_KEYS = [
     "nexus",
+    "nexusPassword",
+    "nexusClientKeyPem",
     "registries",
     "nodes",
     "ssh",
@@ -43,9 +58,20 @@ TOP_LEVEL_KEYS = [
     "containerd",
     "verify",
     "rollout",
+    "delivery",
+    "kubernetes",
 ]
 SECRET_KEYS = ("sshPrivateKey", "sshPrivateKeyPassword")
-OBJECT_KEYS = ("nexus", "registries", "nodes", "ssh", "containerd", "verify", "rollout")
+OBJECT_KEYS = (
+    "nexus",
+    "registries",
+    "nodes",
+    "ssh",
+    "containerd",
+    "verify",
+    "rollout",
+    "kubernetes",
+)
 CONTAINERD_FIELDS = {
     "configPath": "config_path",
     "configFile": "config_file",
@@ -71,16 +97,45 @@ def decode_raw(raw: Mapping[str, Any]) -> dict[str, Any]:
         if name in OBJECT_KEYS and isinstance(value, str):
             try:
                 decoded[name] = json.loads(value)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
+                # Not JSON, too deeply nested, or an integer of more than 4300
+                # digits: validation then reports the text as the wrong type.
                 decoded[name] = value
         else:
             decoded[name] = value
     return decoded
 
 
+def _name_order(name: Any) -> tuple[bool, str]:
+    """Sort key that puts names before keys a YAML file gave as numbers, booleans or null."""
+    return (not isinstance(name, str), name if isinstance(name, str) else "")
+
+
+def _check_unicode(problems: Problems, key: str, value: Any) -> None:
+    """Report every string below ``key`` that is not valid Unicode text.
+
+    JSON can carry a lone surrogate (such as the escape \\ud800), which no
+    file, TOML parser or SSH session accepts as UTF-8.
+    """
+    if isinstance(value, str):
+        if any("\ud800" <= char <= "\udfff" for char in value):
+            problems.error(
+                key, value, "contains a lone surrogate, which is not valid Unicode", "Remove it."
+            )
+    elif isinstance(value, dict):
+        for name, item in value.items():
+            child = key_path_child(key, name if isinstance(name, str) else key_text(name))
+            if isinstance(name, str):
+                _check_unicode(problems, child, name)
+            _check_unicode(problems, child, item)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            _check_unicode(problems, key_path_child(key, index), item)
+
+
 def normalize_image(reference: str) -> tuple[str, str] | None:
     """Return (full reference, registry namespace) the way containerd's CRI names an image."""
-    match = _IMAGE.match(reference)
+    match = _IMAGE.fullmatch(reference)
     if not match:
         return None
     domain, path = match.group("domain"), match.group("path")
@@ -99,6 +154,14 @@ def normalize_image(reference: str) -> tuple[str, str] | None:
     if digest:
         full += "@" + digest
     return full, domain
+
+
+def _reference_name(reference: str) -> str:
+    """Return a normalized image reference without its tag and digest."""
+    name = reference.split("@", 1)[0]
+    if ":" in name.rsplit("/", 1)[-1]:
+        name = name[: name.rfind(":")]
+    return name
 
 
 def _check_containerd(problems: Problems, key: str, value: Any, base: Containerd) -> Containerd:
@@ -127,6 +190,15 @@ def _check_containerd(problems: Problems, key: str, value: Any, base: Containerd
             checked = check_bool(problems, item_key, item)
         else:
             checked = check_int(problems, item_key, item, 5, 3600, "number of seconds")
+        if isinstance(checked, str) and name in ("configPath", "binDir") and ":" in checked:
+            # containerd splits config_path, and sh splits PATH, at every ':'.
+            problems.error(
+                item_key,
+                checked,
+                "contains ':', which splits it into a list of directories",
+                "Use a directory whose path has no ':'.",
+            )
+            checked = None
         if checked is not None:
             changes[field_name] = checked
     result = dataclasses.replace(base, **changes)
@@ -285,14 +357,22 @@ def _check_nodes(
     return tuple(nodes)
 
 
-def _check_nexus(problems: Problems, value: Any) -> dict[str, Any] | None:
+def _check_nexus(problems: Problems, value: Any, secrets: SecretKeys) -> dict[str, Any] | None:
     key = key_path("nexus")
     if value is None:
+        for name in (NEXUS_PASSWORD, NEXUS_CLIENT_KEY):
+            if name in secrets.values:
+                problems.errors.append(
+                    f"{key_path(name)}: is set, but nexus-mirror:nexus is not, so no Nexus "
+                    f"uses it. Set nexus-mirror:nexus, or remove it: pulumi config rm {key_path(name)}"
+                )
         return None
     if not isinstance(value, dict):
         problems.error(key, value, "must be an object", "Such as {url: https://nexus.example.net}.")
         return None
-    check_keys(problems, key, value, ["url", "caPem", "skipVerify"])
+    # password and clientKeyPem get their own message from check_nexus_credentials.
+    shown = {name: item for name, item in value.items() if name not in INLINE_SECRET_KEYS}
+    check_keys(problems, key, shown, ["url", "caPem", "skipVerify", *NEXUS_CREDENTIAL_KEYS])
     url = check_url(problems, key_path_child(key, "url"), value.get("url"), allow_path=False)
     result: dict[str, Any] = {"url": url}
     if "caPem" in value:
@@ -306,6 +386,7 @@ def _check_nexus(problems: Problems, value: Any) -> dict[str, Any] | None:
                 key_path_child(key, "skipVerify"),
                 "Nexus's TLS certificate is not verified; use it for testing only.",
             )
+    result["credentials"], result["client"] = check_nexus_credentials(problems, value, secrets)
     return result
 
 
@@ -323,12 +404,12 @@ def _check_verify(problems: Problems, value: Any) -> str | None:
         return None
     image = value["image"]
     normalized = normalize_image(image) if isinstance(image, str) else None
-    if normalized is None:
+    if normalized is None or len(_reference_name(normalized[0])) > 255:
         problems.error(
             key_path_child(key, "image"),
             image,
             "invalid image reference",
-            "Use a reference such as docker.io/library/busybox:latest.",
+            "Use a reference such as docker.io/library/busybox:latest, with a name of at most 255 characters.",
         )
         return None
     return normalized[0]
@@ -361,8 +442,12 @@ def parse_config(raw: Mapping[str, Any], secret_keys: frozenset[str] = frozenset
     """
     problems = Problems(secret_keys=tuple(key_path(name) for name in sorted(secret_keys)))
     values = decode_raw(raw)
+    for name, value in values.items():
+        _check_unicode(problems, key_path(name), value)
+    # Keys that mirrors name in passwordKey or clientKeyPemKey are known keys too.
+    mirror_secrets = referenced_keys(values.get("registries"))
     for name in values:
-        if name not in TOP_LEVEL_KEYS:
+        if name not in TOP_LEVEL_KEYS and name not in mirror_secrets:
             problems.error(
                 key_path(name),
                 None if name in secret_keys else values[name],
@@ -370,7 +455,13 @@ def parse_config(raw: Mapping[str, Any], secret_keys: frozenset[str] = frozenset
                 f"Known keys: {', '.join(TOP_LEVEL_KEYS)}.",
             )
 
-    nexus = _check_nexus(problems, values.get("nexus"))
+    delivery = check_delivery(problems, values.get("delivery"))
+    secrets = SecretKeys(
+        values=values,
+        secret_names=frozenset(secret_keys),
+        reserved=frozenset(TOP_LEVEL_KEYS) - {NEXUS_PASSWORD, NEXUS_CLIENT_KEY},
+    )
+    nexus = _check_nexus(problems, values.get("nexus"), secrets)
     registries = values.get("registries")
     namespaces = []
     if registries is None:
@@ -389,18 +480,42 @@ def parse_config(raw: Mapping[str, Any], secret_keys: frozenset[str] = frozenset
         )
     else:
         secret = "registries" in secret_keys or "nexus" in secret_keys
-        for name in sorted(registries):
+        for name in sorted(registries, key=_name_order):
             if check_namespace_name(problems, name):
-                namespace = check_registry(problems, name, registries[name], nexus, secret)
+                namespace = check_registry(problems, name, registries[name], nexus, secret, secrets)
                 if namespace is not None:
                     namespaces.append(namespace)
 
     containerd = _check_containerd(
         problems, key_path("containerd"), values.get("containerd"), Containerd()
     )
-    ssh = _check_ssh(problems, values.get("ssh"))
-    nodes = _check_nodes(problems, values.get("nodes"), ssh, containerd)
-    for name in SECRET_KEYS:
+    kubernetes = None
+    if delivery == "kubernetes":
+        # The DaemonSet replaces nodes, SSH and rollout; each of those keys is an error.
+        reject_ssh_keys(problems, values, secret_keys)
+        kubernetes = check_kubernetes(
+            problems, values.get("kubernetes"), containerd, values.get("containerd")
+        )
+        if config_auth_tables(namespaces):
+            problems.errors.append(
+                f"{key_path('registries')}: auth: config writes credentials to config.toml, "
+                "which delivery kubernetes does not write. Use auth: header for these mirrors."
+            )
+    elif "kubernetes" in values:
+        problems.error(
+            key_path("kubernetes"),
+            values["kubernetes"],
+            "is read only with nexus-mirror:delivery kubernetes",
+            "Set nexus-mirror:delivery kubernetes, or remove the block.",
+        )
+    ssh = _check_ssh(problems, values.get("ssh") if delivery == "ssh" else None)
+    nodes: tuple[Node, ...] = ()
+    if delivery == "ssh":
+        nodes = _check_nodes(problems, values.get("nodes"), ssh, containerd)
+    check_credential_use(problems, namespaces, nodes)
+    if secret_keys & {"containerd", "nodes"}:
+        nodes = tuple(dataclasses.replace(node, secret=True) for node in nodes)
+    for name in SECRET_KEYS if delivery == "ssh" else ():
         if name in values:
             if name not in secret_keys:
                 problems.errors.append(
@@ -415,7 +530,14 @@ def parse_config(raw: Mapping[str, Any], secret_keys: frozenset[str] = frozenset
                         "is not a PEM or OpenSSH private key",
                         "Set it from the key file: pulumi config set --secret nexus-mirror:sshPrivateKey < ~/.ssh/id_ed25519",
                     )
-    if "sshPrivateKey" not in values:
+            elif name == "sshPrivateKeyPassword":
+                if not isinstance(values[name], str) or not values[name]:
+                    problems.secret_error(
+                        key_path(name),
+                        "must be the non-empty passphrase of sshPrivateKey",
+                        "Set it with pulumi config set --secret nexus-mirror:sshPrivateKeyPassword, or remove it for a key without a passphrase.",
+                    )
+    if "sshPrivateKey" not in values and delivery == "ssh":
         problems.warn(
             key_path("sshPrivateKey"),
             "is not set: pulumi-command falls back to the SSH agent at SSH_AUTH_SOCK.",
@@ -429,7 +551,7 @@ def parse_config(raw: Mapping[str, Any], secret_keys: frozenset[str] = frozenset
                 key_path("verify", "image"),
                 f"{image[1]} has no mirror in nexus-mirror:registries, so the test pull proves nothing.",
             )
-    max_parallel = _check_rollout(problems, values.get("rollout"))
+    max_parallel = _check_rollout(problems, values.get("rollout") if delivery == "ssh" else None)
     if any(n.name == "_default" for n in namespaces):
         problems.warn(
             key_path("registries", "_default"), "is read by containerd 1.6.17 and later only."
@@ -444,4 +566,7 @@ def parse_config(raw: Mapping[str, Any], secret_keys: frozenset[str] = frozenset
         max_parallel_restarts=max_parallel,
         has_private_key="sshPrivateKey" in values,
         warnings=tuple(dict.fromkeys(problems.warnings)),
+        secret_keys=frozenset(secret_keys),
+        delivery=delivery,
+        kubernetes=kubernetes,
     )

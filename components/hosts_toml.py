@@ -13,6 +13,7 @@ from typing import Any
 import tomlkit
 from tomlkit.items import Table
 
+from .credentials import authorization_header
 from .model import Host, Namespace
 
 MANAGED_MARKER = "# Managed by nexus-mirror."
@@ -37,10 +38,13 @@ def _host_fields(host: Host) -> dict[str, Any]:
         fields["skip_verify"] = True
     if host.override_path:
         fields["override_path"] = True
-    if host.headers:
-        fields["header"] = {
-            name: values[0] if len(values) == 1 else list(values) for name, values in host.headers
-        }
+    headers: dict[str, Any] = {
+        name: values[0] if len(values) == 1 else list(values) for name, values in host.headers
+    }
+    if host.credentials is not None and host.credentials.auth == "header":
+        headers["Authorization"] = authorization_header(host.credentials)
+    if headers:
+        fields["header"] = headers
     return fields
 
 
@@ -101,16 +105,33 @@ def render_hosts_toml(namespace: Namespace) -> str:
     return text
 
 
+def _ordered(value: Any) -> Any:
+    """Return ``value`` with every table turned into its list of (key, value) pairs."""
+    if isinstance(value, dict):
+        return [(key, _ordered(item)) for key, item in value.items()]
+    if isinstance(value, list):
+        return [_ordered(item) for item in value]
+    return value
+
+
 def _check_round_trip(namespace: Namespace, text: str) -> None:
     loaded = tomllib.loads(text)
     expected = expected_data(namespace)
     if loaded != expected:
+        # Values never go into the message: any header value may be a token.
+        detail = f": it reads as keys {sorted(loaded)} and mirrors {list(loaded.get('host', {}))}"
         raise RenderError(
-            f"hosts.toml for {namespace.name} does not read back as configured: {loaded!r} != {expected!r}"
+            f"hosts.toml for {namespace.name} does not read back as configured{detail}"
         )
     order = list(loaded.get("host", {}))
     if order != [host.url for host in namespace.hosts]:
         raise RenderError(f"hosts.toml for {namespace.name} lists mirrors out of order: {order!r}")
+    # Tables compare equal in any order. The file must also keep the order of
+    # the stack config (server keys, mirrors, headers), so reviews read alike.
+    if _ordered(loaded) != _ordered(expected):
+        raise RenderError(
+            f"hosts.toml for {namespace.name} reads back with keys or headers out of order"
+        )
     if not text.startswith(MANAGED_MARKER):
         raise RenderError(f"hosts.toml for {namespace.name} lost its first-line marker")
 
@@ -121,3 +142,20 @@ def render_files(namespace: Namespace) -> dict[str, str]:
     for inline in namespace.files:
         files[inline.name] = inline.content
     return files
+
+
+def file_modes(namespace: Namespace) -> dict[str, str]:
+    """Return the octal mode of every file that render_files returns.
+
+    hosts.toml is 0600 when it has any header, because headers often carry
+    tokens even in plain-text config (credentials with ``auth: header`` become
+    an Authorization header), and 0644 otherwise. Every file of a namespace
+    built from secret config is 0600. Other inline files keep their own mode,
+    which is 0600 for a client private key.
+    """
+    hosts = [*namespace.hosts, *([namespace.server] if namespace.server else [])]
+    private = namespace.secret or namespace.holds_credentials or any(host.headers for host in hosts)
+    modes = {"hosts.toml": "0600" if private else "0644"}
+    for inline in namespace.files:
+        modes[inline.name] = "0600" if namespace.secret else inline.mode
+    return modes

@@ -8,6 +8,7 @@ from typing import Any
 import pulumi
 from pulumi_command import remote
 
+from .credentials import config_auth_tables
 from .hosts_toml import render_hosts_toml
 from .model import MirrorConfig, Node
 from .node_script import config_input, hosts_input, node_command
@@ -71,14 +72,21 @@ class NexusMirror(pulumi.ComponentResource):
 
         config_commands: dict[str, remote.Command] = {}
         previous_batch: list[remote.Command] = []
+        config_auth = bool(config_auth_tables(config.namespaces))
         for batch in restart_batches(config.nodes, config.max_parallel_restarts):
             current = []
             for node in batch:
+                node_input = config_input(node, config)
+                config_stdin: pulumi.Input[str] = (
+                    pulumi.Output.secret(node_input.text) if node_input.secret else node_input.text
+                )
                 command = remote.Command(
                     command_name(node, "config"),
                     connection=self._connection(node, config, private_key, private_key_password),
                     create=node_command(node, "config"),
-                    stdin=config_input(node).text,
+                    # Credentials written to config.toml are removed again on destroy.
+                    delete=node_command(node, "config-delete") if config_auth else None,
+                    stdin=config_stdin,
                     logging=remote.Logging.STDERR,
                     opts=pulumi.ResourceOptions(parent=self, depends_on=list(previous_batch)),
                 )
@@ -117,7 +125,8 @@ class NexusMirror(pulumi.ComponentResource):
         hosts_toml: dict[str, Any] = {}
         for namespace in config.namespaces:
             text = render_hosts_toml(namespace)
-            hosts_toml[namespace.name] = pulumi.Output.secret(text) if namespace.secret else text
+            secret = namespace.secret or namespace.holds_credentials
+            hosts_toml[namespace.name] = pulumi.Output.secret(text) if secret else text
         self.hosts_toml = pulumi.Output.from_input(hosts_toml)
         self.nodes = pulumi.Output.from_input(node_outputs)
         self.register_outputs({"hostsToml": self.hosts_toml, "nodes": self.nodes})

@@ -13,6 +13,16 @@ VERIFY_NAMESPACE = "nexus-mirror-verify"
 
 
 @dataclass(frozen=True)
+class Credentials:
+    """User name and password that containerd sends to one registry host."""
+
+    username: str
+    password: str = field(repr=False)
+    auth: str = "header"
+    """How containerd gets them: ``header`` (hosts.toml) or ``config`` (config.toml)."""
+
+
+@dataclass(frozen=True)
 class Host:
     """One registry host containerd may contact: a ``[host."<url>"]`` table or ``server``."""
 
@@ -24,6 +34,7 @@ class Host:
     """Client certificates as (cert, key) pairs; an empty key means one file holds both."""
     skip_verify: bool = False
     headers: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    credentials: Credentials | None = None
     config_key: str = ""
     """Stack config key this host came from, for messages."""
 
@@ -45,8 +56,10 @@ class InlineFile:
     """A file delivered next to hosts.toml, such as a CA certificate given as inline PEM."""
 
     name: str
-    content: str
+    content: str = field(repr=False)
     mode: str = "0644"
+    secret: bool = False
+    """True for a private key: the file is written 0600 and the node input is a secret."""
 
 
 @dataclass(frozen=True)
@@ -62,6 +75,12 @@ class Namespace:
     files: tuple[InlineFile, ...] = ()
     secret: bool = False
     """True when the rendered files contain values set as Pulumi secrets."""
+
+    @property
+    def holds_credentials(self) -> bool:
+        """True when hosts.toml carries a password in an Authorization header."""
+        hosts = [*self.hosts, *([self.server] if self.server else [])]
+        return any(h.credentials is not None and h.credentials.auth == "header" for h in hosts)
 
 
 @dataclass(frozen=True)
@@ -99,6 +118,8 @@ class Node:
     user: str = "root"
     host_key: str | None = None
     containerd: Containerd = field(default_factory=Containerd)
+    secret: bool = False
+    """True when the node's settings come from a key held as a Pulumi secret."""
 
     @property
     def uses_sudo(self) -> bool:
@@ -116,6 +137,57 @@ class Ssh:
 
 
 @dataclass(frozen=True)
+class Toleration:
+    """One Kubernetes toleration of the sync pods; empty strings are fields left unset."""
+
+    key: str = ""
+    operator: str = "Exists"
+    value: str = ""
+    effect: str = ""
+    toleration_seconds: int | None = None
+
+
+@dataclass(frozen=True)
+class ResourceQuantities:
+    """CPU and memory requests and limits of a container, as Kubernetes quantities."""
+
+    requests: tuple[tuple[str, str], ...] = (("cpu", "10m"), ("memory", "32Mi"))
+    limits: tuple[tuple[str, str], ...] = (("memory", "128Mi"),)
+
+
+@dataclass(frozen=True)
+class KubernetesVerify:
+    """Where the verification pods run: the named nodes, or a sample of distinct nodes."""
+
+    nodes: tuple[str, ...] = ()
+    sample: int = 3
+    timeout: int = 300
+    """Seconds Pulumi waits for each pod to pull the image or fail to."""
+
+
+@dataclass(frozen=True)
+class Kubernetes:
+    """Delivery through a DaemonSet (``nexus-mirror:delivery kubernetes``)."""
+
+    image: str
+    """Image of the sync pods; it needs a POSIX shell with awk, sed, cmp and sha256sum."""
+    namespace: str = "nexus-mirror"
+    context: str | None = None
+    kubeconfig: str | None = None
+    node_selector: tuple[tuple[str, str], ...] = (("kubernetes.io/os", "linux"),)
+    tolerations: tuple[Toleration, ...] = (Toleration(),)
+    """The default tolerates every taint, so the pods run on every node, control plane included."""
+    image_pull_policy: str = "IfNotPresent"
+    image_pull_secrets: tuple[str, ...] = ()
+    resources: ResourceQuantities = field(default_factory=ResourceQuantities)
+    priority_class_name: str | None = None
+    max_surge: int | str = 1
+    max_unavailable: int | str = 0
+    manage_config_file: bool = False
+    verify: KubernetesVerify = field(default_factory=KubernetesVerify)
+
+
+@dataclass(frozen=True)
 class MirrorConfig:
     """Everything one stack asks for, validated."""
 
@@ -127,3 +199,8 @@ class MirrorConfig:
     max_parallel_restarts: int = 1
     has_private_key: bool = False
     warnings: tuple[str, ...] = ()
+    secret_keys: frozenset[str] = frozenset()
+    """Top-level keys held as Pulumi secrets, such as registries."""
+    delivery: str = "ssh"
+    """How the files reach the nodes: ``ssh`` (nodes) or ``kubernetes`` (a DaemonSet)."""
+    kubernetes: Kubernetes | None = None

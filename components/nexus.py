@@ -78,7 +78,7 @@ def check_nexus_block(
         result["port"] = port
     elif mode == "subdomain":
         name = value["subdomain"]
-        if not isinstance(name, str) or not _SUBDOMAIN.match(name):
+        if not isinstance(name, str) or not _SUBDOMAIN.fullmatch(name):
             problems.error(
                 mode_key, name, "invalid subdomain", "Use lowercase DNS labels such as docker-hub."
             )
@@ -86,7 +86,7 @@ def check_nexus_block(
         result["subdomain"] = name
     else:
         name = value["repository"]
-        if not isinstance(name, str) or not _REPOSITORY.match(name):
+        if not isinstance(name, str) or not _REPOSITORY.fullmatch(name):
             problems.error(
                 mode_key,
                 name,

@@ -2,8 +2,18 @@
 
 from __future__ import annotations
 
+import re
+import shlex
 from typing import Any
 
+from .credentials import (
+    INLINE_SECRET_KEYS,
+    MIRROR_CREDENTIAL_KEYS,
+    SecretKeys,
+    check_header_conflict,
+    check_mirror_credentials,
+    client_files,
+)
 from .model import DEFAULT_CAPABILITIES, Host, InlineFile, Namespace
 from .nexus import check_nexus_block, nexus_host_url
 from .validation import (
@@ -16,6 +26,7 @@ from .validation import (
     check_url,
     key_path,
     key_path_child,
+    key_text,
     split_host_port,
 )
 
@@ -29,13 +40,16 @@ MIRROR_KEYS = [
     "skipVerify",
     "client",
     "headers",
+    *MIRROR_CREDENTIAL_KEYS,
 ]
 REGISTRY_KEYS = ["nexus", "mirrors", "server", "fallback"]
+# Header names that usually carry a credential, matched case-insensitively.
+_CREDENTIAL_HEADER = re.compile(r"auth|token|key|secret|password|passwd|cookie|session", re.I)
 _DOCKER_HUB_ALIASES = ("index.docker.io", "registry-1.docker.io", "registry.hub.docker.com")
 
 
 def check_namespace_name(problems: Problems, name: Any) -> bool:
-    key = key_path("registries", str(name))
+    key = key_path("registries", key_text(name))
     if name == "_default":
         return True
     if not isinstance(name, str) or split_host_port(name) is None:
@@ -152,7 +166,7 @@ def _check_client(problems: Problems, key: str, value: Any) -> tuple[tuple[str, 
 
 
 def _check_headers(
-    problems: Problems, key: str, value: Any
+    problems: Problems, key: str, value: Any, secret: bool
 ) -> tuple[tuple[str, tuple[str, ...]], ...] | None:
     if not isinstance(value, dict) or not value:
         problems.error(
@@ -165,8 +179,8 @@ def _check_headers(
     seen: dict[str, str] = {}
     result: list[tuple[str, tuple[str, ...]]] = []
     for name, raw in value.items():
-        name_key = key_path_child(key, str(name))
-        if not isinstance(name, str) or not check_header_name(problems, name_key, str(name)):
+        name_key = key_path_child(key, key_text(name))
+        if not check_header_name(problems, name_key, name):
             return None
         if name.lower() in seen:
             # containerd keeps header names as written, so both spellings would be sent.
@@ -204,6 +218,21 @@ def _check_headers(
                     "Remove it: it would let the value inject further headers.",
                 )
                 return None
+            if any((c < " " and c != "\t") or c == "\x7f" for c in item):
+                # Go's HTTP client rejects such values, so every request to the mirror would fail.
+                problems.error(
+                    key_path_child(name_key, index),
+                    item,
+                    "header value contains a control character",
+                    "Remove it: HTTP allows only visible characters, spaces and tabs.",
+                )
+                return None
+        if not secret and _CREDENTIAL_HEADER.search(name):
+            problems.warn(
+                name_key,
+                "looks like it carries a credential, but nexus-mirror:registries is stored in plain text. "
+                f"Store the value encrypted: pulumi config set --secret --path {shlex.quote(name_key)} VALUE",
+            )
         result.append((name, tuple(values)))
     return tuple(result)
 
@@ -229,15 +258,22 @@ def _check_url_path(problems: Problems, key: str, url: str, override_path: bool)
         )
         return False
     if override_path and "v2" not in path.split("/"):
+        described = "its path" if problems.is_secret(key) else f"path {path}"
         problems.warn(
             key,
-            f"overridePath with path {path} sends requests there without any /v2; most registries need /v2 in it.",
+            f"overridePath with {described} sends requests there without any /v2; most registries need /v2 in it.",
         )
     return True
 
 
 def check_mirror(
-    problems: Problems, key: str, value: Any, index: int
+    problems: Problems,
+    key: str,
+    value: Any,
+    index: int,
+    secret: bool = False,
+    secrets: SecretKeys | None = None,
+    namespace: str = "",
 ) -> tuple[Host, list[InlineFile]] | None:
     if not isinstance(value, dict):
         problems.error(
@@ -247,7 +283,9 @@ def check_mirror(
             "Such as {url: https://mirror.internal}.",
         )
         return None
-    check_keys(problems, key, value, MIRROR_KEYS)
+    # password and clientKeyPem get their own message from check_mirror_credentials.
+    shown = {name: item for name, item in value.items() if name not in INLINE_SECRET_KEYS}
+    check_keys(problems, key, shown, MIRROR_KEYS)
     url = check_url(problems, key_path_child(key, "url"), value.get("url"))
     capabilities = check_capabilities(
         problems, key_path_child(key, "capabilities"), value.get("capabilities")
@@ -282,7 +320,18 @@ def check_mirror(
         client = _check_client(problems, key_path_child(key, "client"), value["client"]) or ()
     headers: tuple[tuple[str, tuple[str, ...]], ...] = ()
     if "headers" in value:
-        headers = _check_headers(problems, key_path_child(key, "headers"), value["headers"]) or ()
+        headers = (
+            _check_headers(problems, key_path_child(key, "headers"), value["headers"], secret) or ()
+        )
+    if secrets is None:
+        secrets = SecretKeys(values={}, secret_names=frozenset(), reserved=frozenset())
+    credentials, client_pem = check_mirror_credentials(
+        problems, key, value, secrets, (namespace, index)
+    )
+    if client_pem is not None:
+        pem_files, pair = client_files(f"mirror-{index}", client_pem)
+        files.extend(pem_files)
+        client = (*client, pair)
     if url is None or capabilities is None:
         return None
     if not _check_url_path(problems, key_path_child(key, "url"), url, override_path):
@@ -297,8 +346,10 @@ def check_mirror(
         client=client,
         skip_verify=skip_verify,
         headers=headers,
+        credentials=credentials,
         config_key=key,
     )
+    check_header_conflict(problems, key, host)
     return host, files
 
 
@@ -308,6 +359,7 @@ def check_registry(
     value: Any,
     nexus: dict[str, Any] | None,
     secret: bool,
+    secrets: SecretKeys | None = None,
 ) -> Namespace | None:
     key = key_path("registries", name)
     if not isinstance(value, dict):
@@ -337,13 +389,20 @@ def check_registry(
             if nexus.get("caPem"):
                 files.append(InlineFile("nexus-ca.pem", nexus["caPem"]))
                 ca = ("nexus-ca.pem",)
+            client: tuple[tuple[str, str], ...] = ()
+            if nexus.get("client") is not None:
+                pem_files, pair = client_files("nexus", nexus["client"])
+                files.extend(pem_files)
+                client = (pair,)
             hosts.append(
                 Host(
                     url=url,
                     capabilities=capabilities,
                     override_path=override_path,
                     ca=ca,
+                    client=client,
                     skip_verify=bool(nexus.get("skipVerify")),
+                    credentials=nexus.get("credentials"),
                     config_key=nexus_key,
                 )
             )
@@ -359,7 +418,9 @@ def check_registry(
             )
         else:
             for index, item in enumerate(mirrors):
-                checked = check_mirror(problems, key_path_child(mirrors_key, index), item, index)
+                checked = check_mirror(
+                    problems, key_path_child(mirrors_key, index), item, index, secret, secrets, name
+                )
                 if checked is not None:
                     hosts.append(checked[0])
                     files.extend(checked[1])

@@ -13,6 +13,8 @@ import logging
 import sys
 from pathlib import Path
 
+import yaml
+
 from .config import parse_config
 from .node_script import config_input, hosts_input
 from .stack_file import load_stack_file
@@ -38,7 +40,7 @@ def render_stack(stack_file: Path, out: Path) -> list[Path]:
             written.append(path)
         for name, text in (
             ("hosts.stdin.sh", hosts.text),
-            ("config.stdin.sh", config_input(node).text),
+            ("config.stdin.sh", config_input(node, config).text),
         ):
             if name == "config.stdin.sh" and not node.containerd.manage_config_file:
                 continue
@@ -70,6 +72,13 @@ def main(argv: list[str] | None = None) -> int:
         written = render_stack(stack_file, args.out)
     except ConfigError as error:
         log.error("%s", error)
+        return 1
+    except yaml.YAMLError as error:
+        log.error("stack file %s is not valid YAML: %s", stack_file, error)
+        return 1
+    except ValueError as error:
+        # Raised for a file that is not UTF-8 or whose top level is not a mapping.
+        log.error("cannot read stack file %s: %s", stack_file, error)
         return 1
     log.info("wrote %d files for stack %s to %s", len(written), args.stack, args.out)
     return 0

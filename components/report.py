@@ -87,7 +87,11 @@ def node_output(
         mirrors = mirror_authorities(config, str(verification.get("image", "")))
         verification = {
             **verification,
-            "throughMirror": bool(served_by) and served_by in mirrors,
+            # A pull that failed after a mirror responded (an HTML page taken
+            # for a manifest) was served by nothing.
+            "throughMirror": verification.get("ok") is True
+            and bool(served_by)
+            and served_by in mirrors,
         }
     return {
         "host": host,
@@ -96,7 +100,11 @@ def node_output(
         "configPath": hosts_report.get("configPath") or config_report.get("configPath"),
         "configChanged": bool(config_report.get("configChanged", False)),
         "restarted": bool(config_report.get("restarted", False)),
-        "criPlugin": hosts_report.get("criPlugin") or config_report.get("criPlugin"),
+        # The hosts step runs last, so its status is the current one, even null
+        # (containerd did not respond). The config report may be stale.
+        "criPlugin": hosts_report["criPlugin"]
+        if "criPlugin" in hosts_report
+        else config_report.get("criPlugin"),
         "files": hosts_report.get("files", []),
         "mirrors": hosts_report.get("mirrors", []),
         "verification": verification,

@@ -28,6 +28,8 @@ def load_stack_file(path: Path) -> tuple[dict[str, Any], frozenset[str]]:
     Encrypted values come back as a visible placeholder.
     """
     document = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(document, dict):
+        raise ValueError(f"{path}: a stack file must be a mapping with the key 'config'")
     config = document.get("config") or {}
     if not isinstance(config, dict):
         raise ValueError(f"{path}: 'config' must be a mapping of keys to values")

@@ -6,6 +6,7 @@ accepts, the value that was given, and what to set instead.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import re
 from dataclasses import dataclass, field
@@ -19,6 +20,13 @@ _LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 _HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 _USER = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
+# Characters RFC 3986 allows in a URL without percent-encoding.
+_URL_CHARACTER = re.compile(r"[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]")
+# An IPv6 zone: an interface name (at most 15 bytes on Linux) or number.
+_IPV6_ZONE = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
+# Linux limits (limits.h): a path of at most 4095 bytes, names of at most 255.
+PATH_MAX = 4095
+NAME_MAX = 255
 _HOST_KEY = re.compile(
     r"^(ssh-ed25519|ssh-rsa|ecdsa-sha2-nistp(256|384|521)) [A-Za-z0-9+/]+={0,2}$"
 )
@@ -36,15 +44,41 @@ class ConfigError(Exception):
 
 def key_path(*parts: str | int) -> str:
     """Join key parts the way ``pulumi config set --path`` reads them."""
-    text = PROJECT + ":" + str(parts[0])
+    text = PROJECT + ":" + printable(key_text(parts[0]))
     for part in parts[1:]:
-        if isinstance(part, int):
-            text += f"[{part}]"
-        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part):
-            text += "." + part
-        else:
-            text += f'["{part}"]'
+        text = key_path_child(text, part)
     return text
+
+
+def printable(text: str) -> str:
+    """Return ``text`` with quotes, backslashes and unprintable characters escaped.
+
+    Messages are read on a terminal, one problem a line, so a config value or
+    key must not bring line breaks, terminal escape sequences, bidirectional
+    overrides or lone surrogates into them.
+    """
+    escaped = []
+    for char in text:
+        if char in '"\\':
+            escaped.append("\\" + char)
+        elif char.isprintable():
+            escaped.append(char)
+        elif ord(char) <= 0xFFFF:
+            escaped.append(f"\\u{ord(char):04x}")
+        else:
+            escaped.append(f"\\U{ord(char):08x}")
+    return "".join(escaped)
+
+
+def key_text(name: Any) -> str:
+    """Return a mapping key from YAML or JSON (a string, number, boolean or null) as text."""
+    if isinstance(name, str):
+        return name
+    try:
+        return str(name)
+    except ValueError:
+        # Python refuses to convert integers of more than 4300 digits to text.
+        return "<number too long to show>"
 
 
 def show(value: Any) -> str:
@@ -53,7 +87,10 @@ def show(value: Any) -> str:
         return "nothing"
     if isinstance(value, bool):
         return "true" if value else "false"
-    text = repr(value) if isinstance(value, str) else str(value)
+    try:
+        text = repr(value) if isinstance(value, str) else str(value)
+    except ValueError:
+        return "a number too long to show"
     return text if len(text) <= 80 else text[:77] + "..."
 
 
@@ -66,10 +103,14 @@ class Problems:
     secret_keys: tuple[str, ...] = ()
     """Full key names held as Pulumi secrets: values below them are never shown."""
 
-    def error(self, key: str, value: Any, problem: str, fix: str) -> None:
-        if any(
+    def is_secret(self, key: str) -> bool:
+        """True when ``key`` is a secret key or lies below one."""
+        return any(
             key == name or key.startswith((name + ".", name + "[")) for name in self.secret_keys
-        ):
+        )
+
+    def error(self, key: str, value: Any, problem: str, fix: str) -> None:
+        if self.is_secret(key):
             self.secret_error(key, problem, fix)
             return
         self.errors.append(f"{key}: {problem} (got {show(value)}). {fix}")
@@ -92,10 +133,10 @@ def check_keys(problems: Problems, key: str, value: dict[str, Any], known: list[
     for name in value:
         if name in known:
             continue
-        close = difflib.get_close_matches(str(name), known, n=1)
+        close = difflib.get_close_matches(key_text(name), known, n=1)
         hint = f"Did you mean {close[0]!r}?" if close else ""
         problems.error(
-            key_path_child(key, str(name)),
+            key_path_child(key, key_text(name)),
             name,
             "unknown key",
             f"{hint} Known keys: {', '.join(known)}.".strip(),
@@ -107,7 +148,7 @@ def key_path_child(key: str, child: str | int) -> str:
         return f"{key}[{child}]"
     if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", child):
         return f"{key}.{child}"
-    return f'{key}["{child}"]'
+    return f'{key}["{printable(child)}"]'
 
 
 def is_hostname(text: str) -> bool:
@@ -120,7 +161,7 @@ def is_hostname(text: str) -> bool:
         return True
     if len(text) > 253 or not text:
         return False
-    return all(_LABEL.match(label) for label in text.split("."))
+    return all(_LABEL.fullmatch(label) for label in text.split("."))
 
 
 def split_host_port(text: str) -> tuple[str, int | None] | None:
@@ -158,15 +199,39 @@ def check_url(problems: Problems, key: str, value: Any, *, allow_path: bool = Tr
             key, value, "must be a URL", "Set it to a URL such as https://nexus.example.net:8082."
         )
         return None
-    if any(c in value for c in "\r\n\t\0 "):
+    if any(c.isspace() or not c.isprintable() for c in value):
         problems.error(key, value, "URL contains white space or a control character", "Remove it.")
         return None
     if "://" not in value:
+        short = len(value) <= 60 and not problems.is_secret(key)
+        example = f"https://{value}" if short else "https://HOST[:PORT]"
         problems.error(
             key,
             value,
             "URL has no scheme",
-            f"Write it as https://{value} (or http:// for plain HTTP).",
+            f"Write it as {example} (or http:// for plain HTTP).",
+        )
+        return None
+    unencoded = sorted({c for c in value if not _URL_CHARACTER.match(c)})
+    if unencoded:
+        problem = "URL contains characters that must be percent-encoded"
+        if not problems.is_secret(key):
+            problem = (
+                f"URL contains {', '.join(map(repr, unencoded[:5]))}, which must be percent-encoded"
+            )
+        problems.error(
+            key,
+            value,
+            problem,
+            "Percent-encode them, such as %22 for a double quote.",
+        )
+        return None
+    if re.search(r"%(?![0-9A-Fa-f]{2})", value):
+        problems.error(
+            key,
+            value,
+            "URL has a % that is not followed by two hex digits",
+            "Write a literal % as %25.",
         )
         return None
     try:
@@ -215,8 +280,9 @@ def check_url(problems: Problems, key: str, value: Any, *, allow_path: bool = Tr
         problems.error(key, value, "URL path is not clean", "Remove empty, . and .. path segments.")
         return None
     if parts.scheme == "http":
+        url = "the URL" if problems.is_secret(key) else value
         problems.warn(
-            key, f"{value} is plain HTTP: image data and any credentials travel unencrypted."
+            key, f"{url} is plain HTTP: image data and any credentials travel unencrypted."
         )
     return f"{parts.scheme}://{parts.netloc}{path}"
 
@@ -233,15 +299,43 @@ def check_absolute_path(
         )
         return None
     if not value.startswith("/"):
+        example = "/etc/pki/ca.pem" if problems.is_secret(key) else "/" + value.lstrip("./")
         problems.error(
             key,
             value,
             f"{what} is relative",
-            f"Use an absolute path such as /{value.lstrip('./')}.",
+            f"Use an absolute path such as {printable(example)}.",
         )
         return None
     if any(c in value for c in "\r\n\0"):
         problems.error(key, value, f"{what} contains a line break or NUL", "Remove it.")
+        return None
+    if not value.isprintable():
+        problems.error(
+            key,
+            value,
+            f"{what} contains a control character or other unprintable character",
+            "Remove it.",
+        )
+        return None
+    if len(value.encode("utf-8", "surrogatepass")) > PATH_MAX:
+        problems.error(
+            key,
+            value,
+            f"{what} is longer than {PATH_MAX} bytes, the limit of Linux (PATH_MAX)",
+            "Use a shorter path.",
+        )
+        return None
+    long_names = [
+        name for name in value.split("/") if len(name.encode("utf-8", "surrogatepass")) > NAME_MAX
+    ]
+    if long_names:
+        problems.error(
+            key,
+            value,
+            f"{what} has a name longer than {NAME_MAX} bytes, the limit of Linux (NAME_MAX)",
+            "Use shorter directory and file names.",
+        )
         return None
     if "/../" in value + "/" or "/./" in value + "/":
         problems.error(
@@ -300,6 +394,12 @@ def check_text(
                 "Remove it; it would split the line it is written into.",
             )
         return None
+    if any((c < " " and c != "\t") or c == "\x7f" for c in value):
+        if secret:
+            problems.secret_error(key, f"{what} contains a control character", "Remove it.")
+        else:
+            problems.error(key, value, f"{what} contains a control character", "Remove it.")
+        return None
     return value
 
 
@@ -335,8 +435,8 @@ def check_pem(problems: Problems, key: str, value: Any) -> str | None:
     return value.strip("\n") + "\n"
 
 
-def check_header_name(problems: Problems, key: str, name: str) -> bool:
-    if not _HEADER_NAME.match(name):
+def check_header_name(problems: Problems, key: str, name: Any) -> bool:
+    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
         problems.error(
             key, name, "invalid HTTP header name", "Use letters, digits and -, such as X-Api-Key."
         )
@@ -345,7 +445,7 @@ def check_header_name(problems: Problems, key: str, name: str) -> bool:
 
 
 def check_name(problems: Problems, key: str, value: Any) -> str | None:
-    if not isinstance(value, str) or not _NAME.match(value):
+    if not isinstance(value, str) or not _NAME.fullmatch(value):
         problems.error(
             key,
             value,
@@ -357,7 +457,7 @@ def check_name(problems: Problems, key: str, value: Any) -> str | None:
 
 
 def check_user(problems: Problems, key: str, value: Any) -> str | None:
-    if not isinstance(value, str) or not _USER.match(value):
+    if not isinstance(value, str) or not _USER.fullmatch(value):
         problems.error(key, value, "invalid user name", "Use a login name such as root or ubuntu.")
         return None
     return value
@@ -372,8 +472,12 @@ def check_host_key(problems: Problems, key: str, value: Any) -> str | None:
             "Copy the 'type base64' part of ssh-keyscan's output, such as ssh-ed25519 AAAA....",
         )
         return None
-    text = " ".join(value.split()[:2])
-    if not _HOST_KEY.match(text):
+    words = value.split()
+    if len(words) >= 3 and _HOST_KEY.fullmatch(" ".join(words[1:3])):
+        # A known_hosts or ssh-keyscan line starts with the host name.
+        words = words[1:]
+    text = " ".join(words[:2])
+    if not _HOST_KEY.fullmatch(text) or not _key_blob_matches(words[0], words[1]):
         problems.error(
             key,
             value,
@@ -384,15 +488,48 @@ def check_host_key(problems: Problems, key: str, value: Any) -> str | None:
     return text
 
 
+def _key_blob_matches(key_type: str, encoded: str) -> bool:
+    """True when the base64 key decodes to a whole SSH public key blob of ``key_type``.
+
+    The blob is a sequence of length-prefixed fields (RFC 4253, section 6.6):
+    the key type, then for ssh-ed25519 the 32-byte key (RFC 8709), for ssh-rsa
+    the exponent and modulus, for ECDSA the curve name and point (RFC 5656).
+    So a truncated or mistyped key is caught here rather than at connect time.
+    """
+    try:
+        blob = base64.b64decode(encoded, validate=True)
+    except ValueError:
+        return False
+    fields = []
+    offset = 0
+    while offset < len(blob):
+        length = int.from_bytes(blob[offset : offset + 4], "big")
+        offset += 4
+        if offset + length > len(blob):
+            return False
+        fields.append(blob[offset : offset + length])
+        offset += length
+    if not fields or fields[0] != key_type.encode():
+        return False
+    if key_type == "ssh-ed25519":
+        return len(fields) == 2 and len(fields[1]) == 32
+    if key_type.startswith("ecdsa-sha2-"):
+        return len(fields) == 3 and fields[1] == key_type.removeprefix("ecdsa-sha2-").encode()
+    return len(fields) == 3
+
+
 def check_ssh_host(problems: Problems, key: str, value: Any) -> str | None:
     if isinstance(value, str) and value and is_hostname(value.lower()):
         return value
     if isinstance(value, str):
+        address, _, zone = value.partition("%")
         try:
-            ipaddress.ip_address(value)
-            return value
+            ipaddress.ip_address(address)
         except ValueError:
             pass
+        else:
+            if not zone or (":" in address and _IPV6_ZONE.fullmatch(zone)):
+                return value
     problems.error(
         key, value, "invalid host", "Use a DNS name or an IP address, without scheme or port."
     )

@@ -3,7 +3,7 @@
 # package is already installed it changes nothing, so it is safe to run again.
 set -eu
 
-PACKAGES="containerd docker-registry openssh-server skopeo curl nginx"
+PACKAGES="containerd docker-registry openssh-server skopeo curl nginx sudo openssl busybox"
 POLICY_RC=/usr/sbin/policy-rc.d
 
 if [ "$(id -u)" -ne 0 ]; then

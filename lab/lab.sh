@@ -186,7 +186,12 @@ HostKey $host_key
 PidFile none
 AuthorizedKeysFile $LAB_DIR/authorized_keys
 PermitRootLogin prohibit-password
-AllowUsers root
+# Tests that need a user other than root create one named nm-lab-* (and
+# remove it afterwards). It logs in with the same key, which sshd reads as
+# root because such a user cannot read files in the lab directory.
+AllowUsers root nm-lab-*
+AuthorizedKeysCommand /bin/cat $LAB_DIR/authorized_keys
+AuthorizedKeysCommandUser root
 PubkeyAuthentication yes
 PasswordAuthentication no
 KbdInteractiveAuthentication no
@@ -357,6 +362,10 @@ stop_all() {
     [ -f "$stop_node_dir/config.toml" ] || continue
     node_stop "$stop_node_dir" || stop_all_status=1
   done
+  # nginx of lab/tls.sh proxies to the mirror, so it stops before it.
+  if [ -f "$LAB_DIR/tls/nginx.conf" ]; then
+    stop_pid_file nginx "$LAB_DIR/tls/nginx.pid" "$LAB_DIR/tls/nginx.conf" || stop_all_status=1
+  fi
   for stop_service in $SERVICES_STOP_ORDER; do
     stop_pid_file "$stop_service" "$(service_pid_file "$stop_service")" \
       "$(service_marker "$stop_service")" || stop_all_status=1

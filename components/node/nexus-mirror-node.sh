@@ -10,11 +10,13 @@
 # files with nm_file, registers mirror probes with nm_probe and ends with
 # `nm_main "$@" </dev/null`. MODE is one of:
 #   config  set config_path in config.toml; restart containerd only on a change
+#   config-delete  remove the registry credentials that config mode wrote to
+#           config.toml, keep config_path; restart only on a change
 #   hosts   write the managed hosts files, remove obsolete ones, probe, verify
 #   delete  remove every managed file, restore backups, remove created dirs
 #
 # Without a tail, one command is available for tests and manual checks:
-#   sh nexus-mirror-node.sh patch-config FILE CONTAINERD_VERSION CONFIG_PATH
+#   sh nexus-mirror-node.sh patch-config FILE CONTAINERD_VERSION CONFIG_PATH [AUTH_FILE]
 # It prints the candidate config.toml that config mode would validate (FILE
 # with config_path set, or a minimal file when FILE does not exist) to stdout.
 # When config mode would reject FILE, it exits 1 with the usual error line.
@@ -70,6 +72,11 @@ nm_cleanup() {
         rm -f "$NM_CANDIDATE"
         NM_CANDIDATE=
     fi
+    if [ -n "$NM_WORK" ] && [ -f "$NM_WORK/temps" ]; then
+        while IFS= read -r _cu_tmp; do
+            rm -f "$_cu_tmp"
+        done <"$NM_WORK/temps"
+    fi
     if [ -n "$NM_STAGE" ]; then
         rm -rf "$NM_STAGE"
         NM_STAGE=
@@ -82,29 +89,66 @@ nm_cleanup() {
 }
 
 # Create the private scratch directory (mode 0700) that contains staged files,
-# reports and command output. It is removed on exit.
+# reports and command output, with the pid of this shell in its file pid. It
+# is removed on exit. A killed run cannot remove it, so the next run does.
 nm_stage_init() {
     [ -z "$NM_STAGE" ] || return 0
+    nm_sweep_stages
     NM_STAGE=$(mktemp -d "${TMPDIR:-/tmp}/nexus-mirror.XXXXXX") ||
         nm_fail "check settings" "cannot create a temporary directory in ${TMPDIR:-/tmp}" \
             "Make ${TMPDIR:-/tmp} writable for root"
+    echo "$$" >"$NM_STAGE/pid"
     NM_WORK=$NM_STAGE/work
     mkdir "$NM_WORK" || nm_fail "check settings" "cannot create $NM_WORK" "Make ${TMPDIR:-/tmp} writable for root"
     trap nm_cleanup EXIT
     trap 'exit 130' INT
     trap 'exit 143' TERM
     trap 'exit 129' HUP
+    # A dropped SSH connection closes stdout and stderr. A write to them then
+    # fails instead of killing the shell, so the run goes on to the check or
+    # roll-back of its change. Its messages are lost.
+    trap 'NM_OUTPUT_LOST=1' PIPE
 }
 
-# Run a command with a time limit in seconds when `timeout` exists.
+# Remove the scratch directories of runs that were killed: directories owned
+# by this user whose pid file names a process that no longer runs.
+nm_sweep_stages() {
+    _sw_me=$(id -u 2>/dev/null)
+    for _sw_dir in "${TMPDIR:-/tmp}"/nexus-mirror.??????; do
+        if [ ! -d "$_sw_dir" ] || [ -L "$_sw_dir" ] || [ ! -f "$_sw_dir/pid" ]; then
+            continue
+        fi
+        _sw_owner=$(nm_file_owner "$_sw_dir")
+        [ "${_sw_owner%%:*}" = "$_sw_me" ] || continue
+        _sw_pid=
+        read -r _sw_pid <"$_sw_dir/pid" 2>/dev/null
+        case $_sw_pid in
+        '' | *[!0-9]*) continue ;;
+        esac
+        kill -0 "$_sw_pid" 2>/dev/null && continue
+        rm -rf "$_sw_dir"
+    done
+}
+
+# Run a command with a time limit in seconds when `timeout` exists. A
+# command that ignores SIGTERM gets SIGKILL 3 s after the limit when this
+# timeout accepts -k (GNU coreutils does), which is checked on first use.
 nm_with_timeout() {
     _wt_seconds=$1
     shift
-    if command -v timeout >/dev/null 2>&1; then
-        timeout "$_wt_seconds" "$@"
-    else
-        "$@"
+    if [ -z "${NM_TIMEOUT_KILL+set}" ]; then
+        NM_TIMEOUT_KILL=
+        if ! command -v timeout >/dev/null 2>&1; then
+            NM_TIMEOUT_KILL=none
+        elif timeout -k 1 5 true </dev/null >/dev/null 2>&1; then
+            NM_TIMEOUT_KILL=3
+        fi
     fi
+    case $NM_TIMEOUT_KILL in
+    none) "$@" ;;
+    '') timeout "$_wt_seconds" "$@" ;;
+    *) timeout -k "$NM_TIMEOUT_KILL" "$_wt_seconds" "$@" ;;
+    esac
 }
 
 nm_epoch() {
@@ -247,9 +291,11 @@ nm_json_array_file() {
 }
 
 # Filter stdin: replace values that follow words such as password,
-# identitytoken or authorization with <redacted>, and cut each line to 400
-# bytes. Used on
-# containerd log and error lines before they are printed.
+# identitytoken or authorization with <redacted>, and the values of
+# request.header.NAME fields, and cut each line to 400 bytes. Used on
+# containerd log and error lines before they are printed. containerd at log
+# level debug logs every request header but Authorization as such a field,
+# custom headers from hosts.toml included.
 nm_redact() {
     LC_ALL=C awk '
     BEGIN {
@@ -280,6 +326,18 @@ nm_redact() {
     }
     {
         s = $0
+        out = ""
+        while (match(tolower(s), /request\.header\.[!#$%&*+.^_`|~0-9a-z-]+/)) {
+            i = RSTART + RLENGTH; q = ""
+            while (i <= length(s) && index(sep, c = substr(s, i, 1))) {
+                if (c == "\"" || c == "\047") q = c
+                i++
+            }
+            j = value_end(s, i, q)
+            out = out substr(s, 1, i - 1) (j > i ? "<redacted>" : "")
+            s = substr(s, j)
+        }
+        s = out s
         for (k = 1; k <= nk; k++) {
             out = ""
             while ((p = index(tolower(s), keys[k])) > 0) {
@@ -440,9 +498,18 @@ nm_setup_path() {
 
 # Set NM_CONTAINERD, NM_CTR, NM_VERSION (1.6.20) and NM_MAJOR (1). Each stays
 # empty when the tool is missing; $1 = required makes a missing tool fatal.
+# With NM_BIN_DIR set, both must be in that directory: a containerd found
+# elsewhere on PATH may be another installation than the one that runs.
 nm_find_containerd() {
-    NM_CONTAINERD=$(command -v containerd 2>/dev/null) || NM_CONTAINERD=
-    NM_CTR=$(command -v ctr 2>/dev/null) || NM_CTR=
+    if [ -n "$NM_BIN_DIR" ]; then
+        NM_CONTAINERD=$NM_BIN_DIR/containerd
+        NM_CTR=$NM_BIN_DIR/ctr
+        [ -f "$NM_CONTAINERD" ] && [ -x "$NM_CONTAINERD" ] || NM_CONTAINERD=
+        [ -f "$NM_CTR" ] && [ -x "$NM_CTR" ] || NM_CTR=
+    else
+        NM_CONTAINERD=$(command -v containerd 2>/dev/null) || NM_CONTAINERD=
+        NM_CTR=$(command -v ctr 2>/dev/null) || NM_CTR=
+    fi
     NM_VERSION=
     NM_MAJOR=
     if [ -n "$NM_CONTAINERD" ]; then
@@ -451,6 +518,14 @@ nm_find_containerd() {
         NM_MAJOR=${NM_VERSION%%.*}
     fi
     [ "${1-}" = required ] || return 0
+    if [ -z "$NM_CONTAINERD" ] && [ -n "$NM_BIN_DIR" ]; then
+        nm_fail "find containerd" "$NM_BIN_DIR/containerd is not an executable file" \
+            "Set nexus-mirror:containerd.binDir to the directory that holds containerd and ctr, or leave it empty to search PATH"
+    fi
+    if [ -z "$NM_CTR" ] && [ -n "$NM_BIN_DIR" ]; then
+        nm_fail "find containerd" "$NM_BIN_DIR/ctr is not an executable file, and ctr is needed to check the CRI plugin after a restart" \
+            "Set nexus-mirror:containerd.binDir to the directory that holds containerd and ctr, or leave it empty to search PATH"
+    fi
     if [ -z "$NM_CONTAINERD" ]; then
         nm_fail "find containerd" "containerd is not on PATH ($PATH)" \
             "Install containerd or set the directory of its binaries (NM_BIN_DIR) for this node"
@@ -762,16 +837,19 @@ BEGIN {
     metaf = ENVIRON["NM_P_META"]
     errf = ENVIRON["NM_P_ERR"]
     config_path_line = "  config_path = " toml_quote(expected_path)
+    auth_load(ENVIRON["NM_P_AUTH"])
 }
 { L[++nl] = $0 }
 END {
     if (!exists) {
         ver = (major >= 2) ? 3 : 2
         meta("version", ver); meta("section", header_of(ver)); meta("action", "created")
+        meta("auth", auth_n)
         print "version = " ver
         print ""
         print header_of(ver)
         print config_path_line
+        auth_emit()
         exit 0
     }
 
@@ -837,17 +915,23 @@ END {
     else if (hdr) action = "inserted"
     else action = "appended"
     meta("action", action)
+    # Managed credential tables: lines to drop go into D, conflicts reject.
+    auth_scan()
 
+    last = 0
     for (k = 1; k <= nl; k++) {
+        if (k in D) continue
         print ((k in R) ? R[k] : L[k])
+        last = k
         if (k == hdr && !found) print config_path_line (L[k] ~ /\r$/ ? "\r" : "")
     }
     if (!found && !hdr) {
-        if (nl > 0 && L[nl] !~ /^[ \t\r]*$/) print ""
+        if (last > 0 && L[last] !~ /^[ \t\r]*$/) print ""
         if (empty) { print "version = " ver; print "" }
         print header_of(ver)
         print config_path_line
     }
+    auth_emit()
 }
 NM_AWK_EOF
 }
@@ -891,6 +975,7 @@ BEGIN {
             t = substr(h, i + 1); h = substr(h, 1, i - 1); j = index(t, SUBSEP)
             if (j) t = substr(t, 1, j - 1)
             if (t == "tls") print "tls\t" clean(h)
+            else if (t == "auth") print "auth\t" clean(h)
         }
     }
 }
@@ -913,14 +998,18 @@ nm_patch_config() {
     : >"$_pc_meta"
     : >"$_pc_err"
     _pc_prog="$(nm_awk_toml_lib)
+$(nm_awk_auth_lib)
 $(nm_awk_patch_prog)"
+    # The staged credentials (nm_config_auth) reach awk as a file name.
+    _pc_auth=
+    [ ! -f "$NM_STAGE/config-auth.tsv" ] || _pc_auth=$NM_STAGE/config-auth.tsv
     if [ -e "$1" ]; then
         [ -f "$1" ] && [ -r "$1" ] || return 2
         NM_P_EXISTS=1 NM_P_MAJOR=$2 NM_P_CVER=$3 NM_P_PATH=$4 NM_P_META=$_pc_meta NM_P_ERR=$_pc_err \
-            LC_ALL=C awk "$_pc_prog" <"$1" >"$5"
+            NM_P_AUTH=$_pc_auth NM_P_MARKER=$NM_AUTH_MARKER LC_ALL=C awk "$_pc_prog" <"$1" >"$5"
     else
         NM_P_EXISTS=0 NM_P_MAJOR=$2 NM_P_CVER=$3 NM_P_PATH=$4 NM_P_META=$_pc_meta NM_P_ERR=$_pc_err \
-            LC_ALL=C awk "$_pc_prog" </dev/null >"$5"
+            NM_P_AUTH=$_pc_auth NM_P_MARKER=$NM_AUTH_MARKER LC_ALL=C awk "$_pc_prog" </dev/null >"$5"
     fi
     _pc_rc=$?
     NM_PATCH_VERSION=$(awk -F '\t' '$1 == "version" { print $2 }' "$_pc_meta")
@@ -949,6 +1038,7 @@ nm_read_dump() {
     NM_DUMP_CONFIG_PATH=
     NM_DUMP_MIRRORS=
     NM_DUMP_TLS=
+    NM_DUMP_AUTH=
     _rd_out=$NM_WORK/dump.toml
     _rd_err=$NM_WORK/dump.err
     if ! nm_with_timeout 60 "$NM_CONTAINERD" -c "$1" config dump </dev/null >"$_rd_out" 2>"$_rd_err" 9>&-; then
@@ -975,6 +1065,7 @@ $(nm_awk_dump_prog)" <"$_rd_out" >"$_rd_facts"
     NM_DUMP_CONFIG_PATH=$(awk -F '\t' '$1 == "config_path" { v = $2 } END { print v }' "$_rd_facts")
     NM_DUMP_MIRRORS=$(awk -F '\t' '$1 == "mirror" && !seen[$2]++ { printf "%s%s", sep, $2; sep = " " }' "$_rd_facts")
     NM_DUMP_TLS=$(awk -F '\t' '$1 == "tls" && !seen[$2]++ { printf "%s%s", sep, $2; sep = " " }' "$_rd_facts")
+    NM_DUMP_AUTH=$(awk -F '\t' '$1 == "auth" && !seen[$2]++ { printf "%s%s", sep, $2; sep = " " }' "$_rd_facts")
 }
 
 # Read the config_path containerd would use with NM_CONFIG_FILE into
@@ -989,6 +1080,234 @@ nm_effective_config_path() {
     [ "$NM_DUMP_OK" = true ] || return 0
     NM_EFFECTIVE_PATH=$NM_DUMP_CONFIG_PATH
     NM_EFFECTIVE_JSON=$(nm_json_str "$NM_EFFECTIVE_PATH")
+}
+
+# ---------------------------------------------------------------------------
+# Credentials: registry.configs auth tables in config.toml (config mode), and
+# the probe headers and ctr hosts files of hosts mode
+#
+# Passwords arrive in here-documents of the generated tail, and the script
+# keeps them in files of its private scratch directory. They never reach a
+# command line or the environment: awk reads them from those files, curl from
+# its config file, and ctr and containerd from hosts.toml and config.toml.
+
+# Marker comment before every auth table nexus-mirror writes to config.toml.
+NM_AUTH_MARKER='# Managed by nexus-mirror: credentials for '
+
+# Stage one registry.configs auth table for config mode: host $1 (host[:port]
+# as containerd contacts it), user name $2, password on the first line of
+# stdin.
+nm_config_auth() {
+    nm_stage_init
+    if [ $# -ne 2 ] || [ -z "$1" ] || [ -z "$2" ]; then
+        nm_fail "check settings" "nm_config_auth needs a host and a user name" "Regenerate the node input"
+    fi
+    IFS= read -r _ca_password || [ -n "$_ca_password" ] ||
+        nm_fail "check settings" "nm_config_auth for $1 got no password" "Regenerate the node input"
+    for _ca_value in "$1" "$2" "$_ca_password"; do
+        if [ "$(printf '%s' "$_ca_value" | LC_ALL=C tr -d '\000-\037\177')" != "$_ca_value" ]; then
+            nm_fail "check settings" "the credentials for $(nm_oneline "$1") contain a control character" \
+                "Set the user name and password without one"
+        fi
+    done
+    printf '%s\t%s\t%s\n' "$1" "$2" "$_ca_password" >>"$NM_STAGE/config-auth.tsv"
+    _ca_password=
+}
+
+# Print the hosts of the staged auth tables, separated by spaces.
+nm_config_auth_hosts() {
+    [ -f "$NM_STAGE/config-auth.tsv" ] || return 0
+    awk -F '\t' '{ printf "%s%s", sep, $1; sep = " " }' "$NM_STAGE/config-auth.tsv"
+}
+
+# Print the awk functions that keep the auth tables of config.toml in line
+# with the staged ones (NM_P_AUTH names the file, empty for none). The
+# patcher calls auth_load() in BEGIN and auth_scan() once the section `sect`
+# is set. It skips the lines in D when it prints, and calls auth_emit() last.
+# A managed table is the marker line, its own header and the lines up to the
+# next header or marker. Each run drops every managed table and appends the
+# staged ones at the end of the file, so a second run changes nothing.
+nm_awk_auth_lib() {
+    cat <<'NM_AWK_EOF'
+function auth_load(file,    line, f) {
+    auth_n = 0
+    auth_marker = ENVIRON["NM_P_MARKER"]
+    if (file == "") return
+    while ((getline line < file) > 0) {
+        if (split(line, f, "\t") != 3) continue
+        auth_n++
+        auth_host[auth_n] = f[1]; auth_user[auth_n] = f[2]; auth_pass[auth_n] = f[3]
+        auth_wanted[f[1]] = 1
+    }
+    close(file)
+}
+# Succeed for the table of an auth block: <any registry section>.configs.<host>.auth.
+function auth_own_table(t,    n, parts) {
+    n = split(t, parts, SUBSEP)
+    return n >= 4 && parts[n] == "auth" && parts[n - 2] == "configs" && parts[n - 3] == "registry"
+}
+function auth_scan(    k, inblock, own, prefix, p, h, i, rest) {
+    tl_reset(); inblock = 0; auth_dropped = 0
+    prefix = sect SUBSEP "configs" SUBSEP
+    for (k = 1; k <= nl; k++) {
+        if (tl_ml == "" && tl_depth == 0 && index(L[k], auth_marker) == 1) {
+            inblock = 1; own = 0; D[k] = 1; auth_dropped++
+            # The blank line that auth_emit writes before each table goes too.
+            if (k > 1 && L[k - 1] ~ /^[ \t\r]*$/) D[k - 1] = 1
+            tl_line(L[k])
+            continue
+        }
+        tl_line(L[k])
+        if (inblock) {
+            if (tl_kind != "header") { D[k] = 1; continue }
+            if (!own && tl_hdr_ok && auth_own_table(tl_table)) { own = 1; D[k] = 1; continue }
+            inblock = 0
+        }
+        if (tl_kind == "header" && tl_hdr_ok) p = tl_table
+        else if (tl_kind == "kv") p = tl_path
+        else continue
+        if (substr(p, 1, length(prefix)) != prefix) continue
+        h = substr(p, length(prefix) + 1); i = index(h, SUBSEP)
+        rest = i ? substr(h, i + 1) : ""
+        if (i) h = substr(h, 1, i - 1)
+        if (!(h in auth_wanted)) continue
+        if (rest == "auth" || substr(rest, 1, 5) == "auth" SUBSEP || (rest == "" && tl_kind == "kv"))
+            reject("config.toml already sets registry.configs." toml_quote(h) ".auth on line " k ", and nexus-mirror writes the credentials for " h " there", \
+                "Remove those credentials from config.toml, or use auth: header for this mirror")
+    }
+    if (tl_ml != "") return
+    meta("auth", auth_n)
+}
+function auth_emit(    i, base) {
+    base = substr(header_of(ver), 1, length(header_of(ver)) - 1)
+    for (i = 1; i <= auth_n; i++) {
+        print ""
+        print auth_marker auth_host[i] " (rewritten on every apply)"
+        print base ".configs." toml_quote(auth_host[i]) ".auth]"
+        print "  username = " toml_quote(auth_user[i])
+        print "  password = " toml_quote(auth_pass[i])
+    }
+}
+NM_AWK_EOF
+}
+
+# Fail unless the `containerd config dump` just read (NM_DUMP_AUTH) has an
+# auth table for every staged host.
+nm_check_candidate_auth() {
+    for _cc_host in $(nm_config_auth_hosts); do
+        case " $NM_DUMP_AUTH " in
+        *" $_cc_host "*) ;;
+        *)
+            nm_fail "check config.toml" "with the credentials for $_cc_host written to $NM_PATCH_SECTION, containerd still reads no registry.configs auth for that host" \
+                "Check how config.toml sets registry.configs (an inline table cannot be extended), then run again. config.toml was not changed"
+            ;;
+        esac
+    done
+}
+
+# Print the mode for the new config.toml: 0600 when it contains staged
+# credentials, else $1. Its backups keep its mode, so a backup that contains
+# a password is 0600 too.
+nm_config_file_mode() {
+    if [ -s "$NM_STAGE/config-auth.tsv" ]; then
+        echo 0600
+    else
+        echo "$1"
+    fi
+}
+
+# Make config.toml $1 mode 0600 when it contains staged credentials and is
+# readable by others. A change of mode alone needs no restart.
+nm_protect_config_file() {
+    [ -s "$NM_STAGE/config-auth.tsv" ] || return 0
+    [ "$(nm_file_mode "$1")" != 0600 ] || return 0
+    chmod 0600 "$1" || nm_fail "write config.toml" "cannot make $1 mode 0600, and it holds registry credentials" \
+        "Run: chmod 0600 $1"
+    nm_log "made $1 mode 0600 because it holds registry credentials"
+}
+
+# Print the part of the config message about credentials: the hosts of the
+# staged auth tables, or their removal in config-delete mode.
+nm_config_auth_note() {
+    if [ -n "${NM_CONFIG_DELETE-}" ]; then
+        printf ', removed the registry credentials nexus-mirror wrote'
+    elif [ -s "$NM_STAGE/config-auth.tsv" ]; then
+        printf ' with registry credentials for %s' "$(nm_config_auth_hosts)"
+        if [ "${NM_MAJOR:-1}" -ge 2 ]; then
+            printf ' (containerd %s reads them but marks registry.configs as deprecated; auth: header avoids it)' "$NM_VERSION"
+        fi
+    fi
+}
+
+# config-delete mode: remove the auth tables that nexus-mirror wrote and keep
+# config_path, with the validation, backup, restart and roll-back of config
+# mode. Nothing is restarted when config.toml has no such table.
+nm_mode_config_delete() {
+    rm -f "$NM_STAGE/config-auth.tsv"
+    NM_CONFIG_DELETE=1
+    if [ "$NM_MANAGE_CONFIG" = false ] || [ ! -f "$NM_CONFIG_FILE" ] ||
+        ! grep -q "^$NM_AUTH_MARKER" "$NM_CONFIG_FILE" 2>/dev/null; then
+        nm_find_containerd
+        NM_PATCH_VERSION=
+        nm_effective_config_path
+        _cd_msg="config.toml holds no credentials written by nexus-mirror; nothing changed"
+        nm_log "$_cd_msg"
+        nm_config_json false false "$(nm_cri_status)" "" "" "$_cd_msg"
+        return 0
+    fi
+    nm_mode_config
+}
+
+# Stage the curl config for the probe registered last: an Authorization
+# header line on stdin, so that the probe checks the credentials.
+nm_probe_auth() {
+    nm_stage_init
+    [ "$NM_PROBE_COUNT" -gt 0 ] ||
+        nm_fail "write hosts files" "nm_probe_auth comes before any nm_probe" "Regenerate the node input"
+    cat >"$NM_STAGE/probe.$NM_PROBE_COUNT.auth"
+}
+
+# Print the credentials verdict of probe $1 with HTTP status $2: accepted,
+# rejected (401 or 403 although credentials were sent) or null (none sent, or
+# no HTTP status).
+nm_probe_credentials() {
+    if [ ! -f "$NM_STAGE/probe.$1.auth" ] || [ -z "$2" ]; then
+        printf 'null'
+        return 0
+    fi
+    case $2 in
+    401 | 403) printf '"rejected"' ;;
+    *) printf '"accepted"' ;;
+    esac
+}
+
+# Stage the hosts.toml that ctr reads for namespace $1 in the test pull
+# (stdin). The generated tail sends these only when some credentials use
+# auth: config, which ctr cannot read from config.toml.
+nm_verify_file() {
+    nm_stage_init
+    nm_check_plain_name "$1" namespace
+    mkdir -p "$NM_STAGE/verify/$1" ||
+        nm_fail "write hosts files" "cannot create $NM_STAGE/verify/$1" "Make ${TMPDIR:-/tmp} writable for root"
+    cat >"$NM_STAGE/verify/$1/hosts.toml"
+}
+
+# Print the note for a failed test pull about mirrors that answered 401 or
+# 403 ("denied" lines of the ctr facts file $1), or nothing.
+nm_verify_denied_note() {
+    _vd_hosts=$(awk -F '\t' '$1 == "denied" { printf "%s%s", sep, $2; sep = ", " }' "$1")
+    [ -z "$_vd_hosts" ] ||
+        printf '; %s: the mirror requires credentials, and they were missing or rejected' "$_vd_hosts"
+}
+
+# Print the hosts directory for ctr's test pull: the staged one of
+# nm_verify_file when there is one, else NM_CONFIG_PATH.
+nm_verify_hosts_dir() {
+    if [ -d "$NM_STAGE/verify" ]; then
+        printf '%s\n' "$NM_STAGE/verify"
+    else
+        printf '%s\n' "$NM_CONFIG_PATH"
+    fi
 }
 
 # ---------------------------------------------------------------------------
@@ -1035,15 +1354,24 @@ nm_cri_error() {
 # Wait until the CRI plugin reports ok, for at most NM_RESTART_TIMEOUT
 # seconds. Sets NM_CRI_STATUS (empty when containerd was never reached).
 # containerd serves its socket only after every plugin has loaded, so a
-# status other than ok that repeats three times is final.
+# status other than ok that repeats three times is final. With $1 =
+# restarted, the plugin counts as ok only once a new containerd serves the
+# socket (nm_socket_renewed change); NM_CRI_STALE=1 records that none did.
 nm_wait_cri() {
     _wc_deadline=$(($(nm_epoch) + NM_RESTART_TIMEOUT))
     _wc_bad=0
     NM_CRI_STATUS=
+    NM_CRI_STALE=
     while :; do
         NM_CRI_STATUS=$(nm_cri_status)
         case $NM_CRI_STATUS in
-        ok) return 0 ;;
+        ok)
+            if [ "${1-}" != restarted ] || nm_socket_renewed change; then
+                NM_CRI_STALE=
+                return 0
+            fi
+            NM_CRI_STALE=1
+            ;;
         '') ;;
         *)
             _wc_bad=$((_wc_bad + 1))
@@ -1055,20 +1383,64 @@ nm_wait_cri() {
     done
 }
 
-# Run NM_RESTART_COMMAND with a time limit of NM_RESTART_TIMEOUT seconds.
-# Its output goes to stderr, its stdin is /dev/null, and the lock descriptor
-# is closed so that a daemon it starts does not keep the lock.
+# Record containerd's socket before a restart in the mark file named $1
+# (its inode number, and the file's own mtime as the time of the mark).
+nm_mark_socket() {
+    NM_SOCKET_FILE=${NM_ADDRESS#unix://}
+    # shellcheck disable=SC2012
+    ls -di "$NM_SOCKET_FILE" 2>/dev/null | awk '{ print $1 }' >"$NM_WORK/socket.$1"
+}
+
+# Succeed when containerd's socket was created after mark $1: a starting
+# containerd removes the old socket and binds a new one, which has a new
+# inode number or a later mtime. An address that is not a path passes.
+nm_socket_renewed() {
+    _sr_file=${NM_ADDRESS#unix://}
+    case $_sr_file in
+    /*) ;;
+    *) return 0 ;;
+    esac
+    [ -S "$_sr_file" ] || return 1
+    # shellcheck disable=SC2012
+    _sr_inode=$(ls -di "$_sr_file" 2>/dev/null | awk '{ print $1 }')
+    [ "$_sr_inode" = "$(cat "$NM_WORK/socket.$1" 2>/dev/null)" ] || return 0
+    [ -n "$(find "$_sr_file" -prune -newer "$NM_WORK/socket.$1" 2>/dev/null)" ]
+}
+
+# Run NM_RESTART_COMMAND with a time limit of NM_RESTART_TIMEOUT seconds and
+# set NM_RESTART_CAUSE when it fails. Its stdin is /dev/null and the lock
+# descriptor is closed, so that a daemon it starts does not keep the lock.
+# Its output goes to a file and then to stderr: a process it leaves running
+# with its output open cannot hold the SSH session open.
 nm_restart() {
     nm_log "restarting containerd"
-    nm_with_timeout "$NM_RESTART_TIMEOUT" sh -c "$NM_RESTART_COMMAND" </dev/null >&2 9>&-
+    NM_RESTART_CAUSE=
+    _rs_out=$NM_WORK/restart.out
+    nm_with_timeout "$NM_RESTART_TIMEOUT" sh -c "$NM_RESTART_COMMAND" </dev/null >"$_rs_out" 2>&1 9>&-
+    _rs_rc=$?
+    tail -n 20 "$_rs_out" | nm_redact | while IFS= read -r _rs_line; do
+        nm_log "restart command: $_rs_line"
+    done
+    rm -f "$_rs_out"
+    case $_rs_rc in
+    0) return 0 ;;
+    124 | 137)
+        NM_RESTART_CAUSE="the restart command did not finish within $NM_RESTART_TIMEOUT s and was stopped"
+        ;;
+    *)
+        NM_RESTART_CAUSE="the restart command failed with exit status $_rs_rc"
+        ;;
+    esac
+    return 1
 }
 
 # Print recent containerd error lines from NM_LOG_COMMAND to stderr,
 # redacted, at most 10: level=error and level=fatal lines, and failed loads
 # of the CRI plugins, which containerd 1.6 logs at level=warning. Sets
-# NM_LOG_LAST to the last one.
+# NM_LOG_CAUSE to the last fatal line or failed plugin load, the lines that
+# explain a failed start.
 nm_show_containerd_errors() {
-    NM_LOG_LAST=
+    NM_LOG_CAUSE=
     [ -n "$NM_LOG_COMMAND" ] || return 0
     _se_log=$NM_WORK/containerd.log
     nm_with_timeout 30 sh -c "$NM_LOG_COMMAND" </dev/null >"$_se_log" 2>/dev/null 9>&-
@@ -1079,7 +1451,9 @@ nm_show_containerd_errors() {
     rm -f "$_se_log"
     while IFS= read -r _se_line; do
         nm_log "containerd log: $_se_line"
-        NM_LOG_LAST=$_se_line
+        case $_se_line in
+        *level=fatal* | *'"level":"fatal"'* | *'failed to load plugin'*) NM_LOG_CAUSE=$_se_line ;;
+        esac
     done <"$_se_lines"
 }
 
@@ -1115,10 +1489,14 @@ nm_mode_config() {
     fi
 
     # The candidate lives next to config.toml so that relative imports in it
-    # resolve as they will for the real file.
-    NM_CANDIDATE=$(mktemp "$_cf_dir/.config.toml.nexus-mirror.XXXXXX") || {
+    # resolve as they will for the real file. Candidates left by a killed run
+    # are removed first.
+    nm_sweep_temps "$_cf_dir" config.toml
+    [ "${_cf_file##*/}" = config.toml ] || nm_sweep_temps "$_cf_dir" "${_cf_file##*/}"
+    NM_CANDIDATE=$(mktemp "$_cf_dir/.config.toml.nexus-mirror.XXXXXX" 2>"$NM_WORK/mktemp.err") || {
         NM_CANDIDATE=
-        nm_fail "write config.toml" "cannot create a temporary file in $_cf_dir" "Make $_cf_dir writable for root"
+        nm_fail "write config.toml" "cannot create a temporary file in $_cf_dir: $(nm_last_error "$NM_WORK/mktemp.err")" \
+            "Make $_cf_dir writable for root. config.toml was not changed"
     }
     nm_patch_config "$_cf_file" "$NM_MAJOR" "$NM_VERSION" "$NM_CONFIG_PATH" "$NM_CANDIDATE"
     case $? in
@@ -1130,11 +1508,30 @@ nm_mode_config() {
     nm_log "config.toml version $NM_PATCH_VERSION, section $_cf_section: $NM_PATCH_ACTION config_path"
     nm_check_candidate "$NM_CANDIDATE"
 
+    # A pending restart is one that an earlier run, killed or cut off after
+    # it replaced config.toml, did not finish: containerd may still run the
+    # previous file, or not run at all.
+    _cf_pending=$NM_STATE_DIR/restart-pending
+    _cf_changed=true
     if [ "$_cf_had_file" = true ] && cmp -s "$_cf_file" "$NM_CANDIDATE"; then
         rm -f "$NM_CANDIDATE"
         NM_CANDIDATE=
+        _cf_changed=false
+        if [ -e "$_cf_pending" ]; then
+            # The earlier run saved the previous file before it wrote the marker.
+            _cf_had_file=true
+            grep -qx 'previous=none' "$_cf_pending" 2>/dev/null && _cf_had_file=false
+            nm_log "config.toml already sets config_path, but the restart after an earlier change did not finish; restarting containerd"
+        fi
+    fi
+    if [ "$_cf_changed" = true ] || [ -e "$_cf_pending" ]; then
+        [ -n "$NM_RESTART_COMMAND" ] ||
+            nm_fail "write config.toml" "config.toml must change but the restart command is empty" \
+                "Set the containerd restart command for this node. config.toml was not changed"
+    else
+        nm_protect_config_file "$_cf_file"
         _cf_status=$(nm_cri_status)
-        _cf_msg="config.toml already sets config_path = \"$NM_CONFIG_PATH\" in $_cf_section; nothing changed"
+        _cf_msg="config.toml already sets config_path = \"$NM_CONFIG_PATH\" in $_cf_section$(nm_config_auth_note); nothing changed"
         if [ "$_cf_status" != ok ]; then
             _cf_msg="$_cf_msg. Warning: the CRI plugin status is ${_cf_status:-unknown (containerd not reachable at $NM_ADDRESS)}"
         fi
@@ -1143,33 +1540,48 @@ nm_mode_config() {
         return 0
     fi
 
-    [ -n "$NM_RESTART_COMMAND" ] ||
-        nm_fail "write config.toml" "config.toml must change but the restart command is empty" \
-            "Set the containerd restart command for this node. config.toml was not changed"
-    nm_backup_config "$_cf_file" "$_cf_had_file"
-    if [ "$_cf_had_file" = true ]; then
-        _cf_mode=$(nm_file_mode "$_cf_file")
-        _cf_owner=$(nm_file_owner "$_cf_file")
-    else
-        _cf_mode=0644
-        _cf_owner=0:0
+    if [ "$_cf_changed" = true ]; then
+        # Without a pending restart, containerd must be healthy before the
+        # change, so that a failure after the restart is known to be caused
+        # by the change and the roll-back has a working state to return to.
+        _cf_was_pending=false
+        [ ! -e "$_cf_pending" ] || _cf_was_pending=true
+        [ "$_cf_was_pending" = true ] || nm_check_running
+        nm_backup_config "$_cf_file" "$_cf_had_file"
+        if [ "$_cf_had_file" = true ]; then
+            _cf_mode=$(nm_file_mode "$_cf_file")
+            _cf_owner=$(nm_file_owner "$_cf_file")
+            _cf_previous='file'
+        else
+            _cf_mode=0644
+            _cf_owner=0:0
+            _cf_previous=none
+        fi
+        _cf_mode=$(nm_config_file_mode "$_cf_mode")
+        printf 'previous=%s\n' "$_cf_previous" >"$_cf_pending" ||
+            nm_fail "write config.toml" "cannot write $_cf_pending" "Make $NM_STATE_DIR writable for root. config.toml was not changed"
+        if ! chmod "$_cf_mode" "$NM_CANDIDATE" || { nm_is_root && ! chown "$_cf_owner" "$NM_CANDIDATE"; } ||
+            ! mv -f "$NM_CANDIDATE" "$_cf_file" 2>"$NM_WORK/mv.err"; then
+            [ "$_cf_was_pending" = true ] || rm -f "$_cf_pending"
+            nm_fail "write config.toml" "cannot replace $_cf_file: $(nm_last_error "$NM_WORK/mv.err")" \
+                "Check that $_cf_file and $_cf_dir are writable for root (not on a read-only mount). config.toml was not changed"
+        fi
+        NM_CANDIDATE=
+        nm_log "wrote $_cf_file (backup of the previous file: $NM_STATE_DIR/config.toml.bak)"
     fi
-    if ! chmod "$_cf_mode" "$NM_CANDIDATE" || { nm_is_root && ! chown "$_cf_owner" "$NM_CANDIDATE"; } ||
-        ! mv -f "$NM_CANDIDATE" "$_cf_file"; then
-        nm_fail "write config.toml" "cannot replace $_cf_file" "Check that $_cf_dir is writable for root. config.toml was not changed"
-    fi
-    NM_CANDIDATE=
-    nm_log "wrote $_cf_file (backup of the previous file: $NM_STATE_DIR/config.toml.bak)"
 
     _cf_started=$(nm_now)
     _cf_step=
+    nm_mark_socket change
     if ! nm_restart; then
         _cf_step="restart containerd"
-        _cf_cause="the restart command failed or did not finish within $NM_RESTART_TIMEOUT s"
-    elif ! nm_wait_cri; then
+        _cf_cause=$NM_RESTART_CAUSE
+    elif ! nm_wait_cri restarted; then
         _cf_step="wait for CRI"
         if [ -z "$NM_CRI_STATUS" ]; then
-            _cf_cause="containerd did not answer on $NM_ADDRESS within $NM_RESTART_TIMEOUT s after the restart"
+            _cf_cause="containerd did not respond on $NM_ADDRESS within $NM_RESTART_TIMEOUT s after the restart"
+        elif [ -n "$NM_CRI_STALE" ]; then
+            _cf_cause="the restart command succeeded, but containerd was not restarted: its socket ${NM_ADDRESS#unix://} was not created again within $NM_RESTART_TIMEOUT s"
         else
             _cf_cause="the CRI plugin reports '$NM_CRI_STATUS' after the restart"
         fi
@@ -1178,9 +1590,43 @@ nm_mode_config() {
     if [ -n "$_cf_step" ]; then
         nm_rollback_config "$_cf_file" "$_cf_had_file" "$_cf_step" "$_cf_cause"
     fi
-    _cf_msg="set config_path = \"$NM_CONFIG_PATH\" in $_cf_section of $_cf_file and restarted containerd; the CRI plugin is ok"
+    rm -f "$_cf_pending"
+    if [ "$_cf_changed" = true ]; then
+        _cf_msg="set config_path = \"$NM_CONFIG_PATH\" in $_cf_section of $_cf_file$(nm_config_auth_note) and restarted containerd; the CRI plugin is ok"
+    else
+        _cf_msg="config.toml already sets config_path = \"$NM_CONFIG_PATH\" in $_cf_section; finished the restart of an earlier run that did not complete; the CRI plugin is ok"
+    fi
     nm_log "$_cf_msg"
-    nm_config_json true true ok "$_cf_started" "$_cf_finished" "$_cf_msg"
+    nm_config_json "$_cf_changed" true ok "$_cf_started" "$_cf_finished" "$_cf_msg"
+}
+
+# Fail unless containerd responds on NM_ADDRESS and its CRI plugin is ok.
+nm_check_running() {
+    _cr_status=$(nm_cri_status)
+    [ "$_cr_status" != ok ] || return 0
+    if [ -z "$_cr_status" ]; then
+        nm_fail "check containerd" "containerd does not respond on $NM_ADDRESS, so a restart with the new config.toml could not be checked against a working state" \
+            "Start containerd, or set nexus-mirror:containerd.address to the socket it serves, and run again. config.toml was not changed"
+    fi
+    _cr_error=$(nm_cri_error)
+    nm_fail "check containerd" "the CRI plugin reports '$_cr_status' before any change${_cr_error:+ (containerd: $_cr_error)}" \
+        "Fix containerd until \`ctr plugins ls\` lists the CRI plugin as ok, then run again. config.toml was not changed"
+}
+
+# Print the last line of file $1 (an error output), redacted, on one line.
+nm_last_error() {
+    _le=$(tail -n 1 "$1" 2>/dev/null | nm_redact)
+    printf '%s\n' "${_le:-no error message}"
+}
+
+# Remove temporary files that a killed run left in directory $1 next to
+# file name $2: .NAME.nexus-mirror.XXXXXX from mktemp.
+nm_sweep_temps() {
+    for _st_file in "$1/.$2.nexus-mirror."??????; do
+        if [ -f "$_st_file" ] && [ ! -L "$_st_file" ]; then
+            rm -f "$_st_file" && nm_log "removed $_st_file, left by an earlier run"
+        fi
+    done
 }
 
 # Validate candidate $1 with `containerd config dump`. It is rejected (exit 1,
@@ -1206,6 +1652,7 @@ nm_check_candidate() {
         nm_fail "check config.toml" "config.toml sets registry.configs.<host>.tls for $NM_DUMP_TLS, which containerd $NM_VERSION rejects together with config_path (the CRI plugin fails to load)" \
             "Use ca, skipVerify and client per registry in nexus-mirror:registries and delete the registry.configs.<host>.tls tables from config.toml. config.toml was not changed"
     fi
+    nm_check_candidate_auth
     NM_EFFECTIVE_PATH=$NM_DUMP_CONFIG_PATH
     NM_EFFECTIVE_JSON=$(nm_json_str "$NM_EFFECTIVE_PATH")
 }
@@ -1216,6 +1663,8 @@ nm_check_candidate() {
 nm_backup_config() {
     _bc_orig=$NM_STATE_DIR/config.toml.orig
     _bc_bak=$NM_STATE_DIR/config.toml.bak
+    nm_sweep_temps "$NM_STATE_DIR" config.toml.orig
+    nm_sweep_temps "$NM_STATE_DIR" config.toml.bak
     if [ "$2" = true ]; then
         if [ ! -e "$_bc_orig" ] && [ ! -e "$_bc_orig-absent" ]; then
             nm_copy_file "$1" "$_bc_orig" ||
@@ -1232,15 +1681,16 @@ nm_backup_config() {
 }
 
 # Put back the previous config.toml (or remove the created one), restart and
-# wait for CRI again, then exit 1 naming step $3 and cause $4.
+# wait for CRI again, then exit 1 naming step $3 and cause $4. The pending
+# restart marker is removed once containerd is known to run the restored file.
 nm_rollback_config() {
     nm_show_containerd_errors
     _rb_cri=$(nm_cri_error)
     _rb_detail=
     if [ -n "$_rb_cri" ]; then
         _rb_detail=" (containerd: $_rb_cri)"
-    elif [ -n "$NM_LOG_LAST" ]; then
-        _rb_detail=" (containerd log: $NM_LOG_LAST)"
+    elif [ -n "$NM_LOG_CAUSE" ]; then
+        _rb_detail=" (containerd log: $NM_LOG_CAUSE)"
     fi
     nm_log "rolling back $1"
     if [ "$2" = true ]; then
@@ -1253,15 +1703,31 @@ nm_rollback_config() {
             nm_fail "roll back config.toml" "$4$_rb_detail, and removing the new $1 failed" "Remove $1 by hand and restart containerd"
         _rb_what="the new $1 was removed"
     fi
+    nm_mark_socket rollback
     if ! nm_restart; then
-        nm_fail "roll back config.toml" "$4$_rb_detail; $_rb_what but the restart command failed again" \
+        # containerd runs the restored file when it restarted after the
+        # restore, or never restarted at all.
+        if [ "$(nm_cri_status)" = ok ]; then
+            if nm_socket_renewed rollback; then
+                rm -f "$NM_STATE_DIR/restart-pending"
+                nm_fail "$3" "$4$_rb_detail; $_rb_what. The restart command failed again ($NM_RESTART_CAUSE), but containerd restarted with the restored file and the CRI plugin is ok" \
+                    "Fix the restart command for this node and run again"
+            fi
+            if ! nm_socket_renewed change; then
+                rm -f "$NM_STATE_DIR/restart-pending"
+                nm_fail "$3" "$4$_rb_detail; $_rb_what, and containerd, which was not restarted, still runs the previous configuration with the CRI plugin ok" \
+                    "Fix the restart command for this node and run again"
+            fi
+        fi
+        nm_fail "roll back config.toml" "$4$_rb_detail; $_rb_what but the restart command failed again: $NM_RESTART_CAUSE" \
             "Check containerd on the node (see the containerd log lines above) and restart it by hand"
     fi
     if ! nm_wait_cri; then
-        nm_fail "roll back config.toml" "$4$_rb_detail; $_rb_what but the CRI plugin still reports '${NM_CRI_STATUS:-no answer}'" \
+        nm_fail "roll back config.toml" "$4$_rb_detail; $_rb_what but the CRI plugin still reports '${NM_CRI_STATUS:-no response}', so containerd fails with the previous file too (changed after containerd last started, or broken for another reason)" \
             "Check containerd on the node (see the containerd log lines above) and restart it by hand"
     fi
-    nm_fail "$3" "$4$_rb_detail; $_rb_what and containerd was restarted with the CRI plugin ok" \
+    rm -f "$NM_STATE_DIR/restart-pending"
+    nm_fail "$3" "$4$_rb_detail; $_rb_what, and after the restart command ran again the CRI plugin is ok" \
         "Fix the cause shown in the containerd log lines above and run again"
 }
 
@@ -1388,6 +1854,27 @@ nm_release_file() {
     nm_record_file "$_rl_path" "$(nm_sha256 "$_rl_path")" restored
 }
 
+# Copy file $1 to a new temporary file next to file $2, with mode $3 and
+# owner $4 (uid:gid, skipped when not running as root). Sets NM_STAGED_TMP to
+# its path, or NM_WRITE_ERROR on failure. nm_cleanup removes it unless it
+# was renamed.
+nm_stage_write() {
+    _sg_dir=${2%/*}
+    _sg_err=$NM_WORK/write.err
+    _sg_tmp=$(mktemp "$_sg_dir/.${2##*/}.nexus-mirror.XXXXXX" 2>"$_sg_err") || {
+        NM_WRITE_ERROR=$(nm_last_error "$_sg_err")
+        return 1
+    }
+    printf '%s\n' "$_sg_tmp" >>"$NM_WORK/temps"
+    if cat "$1" >"$_sg_tmp" 2>"$_sg_err" && chmod "$3" "$_sg_tmp" 2>"$_sg_err" &&
+        { [ -z "$4" ] || ! nm_is_root || chown "$4" "$_sg_tmp" 2>"$_sg_err"; }; then
+        NM_STAGED_TMP=$_sg_tmp
+        return 0
+    fi
+    NM_WRITE_ERROR=$(nm_last_error "$_sg_err")
+    return 1
+}
+
 # Write manifest $1 to $NM_STATE_DIR/managed atomically (mode 0600).
 nm_install_manifest() {
     nm_install_file "$1" "$NM_STATE_DIR/managed" 0600 "" ||
@@ -1415,6 +1902,11 @@ nm_sync_files() {
     else
         : >"$_sy_old"
     fi
+    # Temporary files that a killed run left next to the files it managed.
+    nm_sweep_temps "$NM_STATE_DIR" managed
+    while IFS=' ' read -r _sy_h _sy_line; do
+        [ "$_sy_h" = dir ] || nm_sweep_temps "${_sy_line%/*}" "${_sy_line##*/}"
+    done <"$_sy_old"
     [ "$1" = apply ] || NM_FILE_COUNT=0
 
     # Plan: target paths, hashes, files to take over, directories to create.
@@ -1425,6 +1917,7 @@ nm_sync_files() {
         _sy_target=$NM_CONFIG_PATH/$_sy_ns/$(cat "$_sy_f.name")
         printf '%s' "$_sy_target" >"$_sy_f.target"
         printf '%s\n' "$_sy_target" >>"$_sy_staged_paths"
+        nm_sweep_temps "${_sy_target%/*}" "${_sy_target##*/}"
         nm_sha256 "$_sy_f.data" >"$_sy_f.sha"
         if [ -L "$_sy_target" ] || { [ -e "$_sy_target" ] && [ ! -f "$_sy_target" ]; }; then
             nm_fail "$NM_FILES_STEP" "$_sy_target exists and is not a regular file" "Move it out of the way and run again"
@@ -1490,6 +1983,7 @@ nm_sync_files() {
                     printf '%s\n' "$_sy_owner" >>"$NM_WORK/released"
                 done <"$NM_WORK/owners"
             fi
+            nm_sweep_temps "${_sy_slot%/*}" "$_sy_name"
             if [ -e "$_sy_slot" ]; then
                 nm_log "keeping the existing backup $_sy_slot; $_sy_target is not backed up again"
             else
@@ -1508,10 +2002,15 @@ nm_sync_files() {
     while IFS= read -r _sy_line; do
         _sy_d=${_sy_line#dir }
         if [ ! -d "$_sy_d" ]; then
-            (umask 022 && mkdir "$_sy_d") || nm_fail "$NM_FILES_STEP" "cannot create the directory $_sy_d" "Check the parent directory and run again"
+            (umask 022 && mkdir "$_sy_d") 2>"$NM_WORK/mkdir.err" ||
+                nm_fail "$NM_FILES_STEP" "cannot create the directory $_sy_d: $(nm_last_error "$NM_WORK/mkdir.err")" \
+                    "Check that ${_sy_d%/*} is writable for root and run again. No hosts file was changed"
             NM_DIRS_CHANGED=1
         fi
     done <"$_sy_newdirs"
+    # Every changed file is first written to a temporary file next to it.
+    # Only when all of them are written are they renamed into place, so a
+    # full disk or a read-only directory leaves every old file as it was.
     _sy_final=$NM_WORK/manifest.final
     : >"$_sy_final"
     _sy_i=1
@@ -1525,12 +2024,34 @@ nm_sync_files() {
             { ! nm_is_root || [ "$(nm_file_owner "$_sy_target")" = 0:0 ]; }; then
             nm_record_file "$_sy_target" "$_sy_sha" unchanged
         else
-            nm_install_file "$_sy_f.data" "$_sy_target" "$_sy_mode" 0:0 ||
-                nm_fail "$NM_FILES_STEP" "cannot write $_sy_target" "Check that ${_sy_target%/*} is writable for root"
+            nm_stage_write "$_sy_f.data" "$_sy_target" "$_sy_mode" 0:0 ||
+                nm_fail "$NM_FILES_STEP" "cannot write $_sy_target: $NM_WRITE_ERROR" \
+                    "Check that ${_sy_target%/*} is writable for root and has free space. No hosts file was changed"
+            printf '%s' "$NM_STAGED_TMP" >"$_sy_f.tmp"
             nm_record_file "$_sy_target" "$_sy_sha" written
         fi
         printf '%s %s\n' "$_sy_sha" "$_sy_target" >>"$_sy_final"
         _sy_i=$((_sy_i + 1))
+    done
+    # hosts.toml files go last, after the certificate files they name.
+    for _sy_pass in files hosts; do
+        _sy_i=1
+        while [ "$_sy_i" -le "$NM_FILE_COUNT" ]; do
+            _sy_f=$NM_STAGE/file.$_sy_i
+            _sy_i=$((_sy_i + 1))
+            [ -f "$_sy_f.tmp" ] || continue
+            _sy_name=$(cat "$_sy_f.name")
+            if [ "$_sy_name" = hosts.toml ]; then
+                [ "$_sy_pass" = hosts ] || continue
+            else
+                [ "$_sy_pass" = files ] || continue
+            fi
+            _sy_tmp=$(cat "$_sy_f.tmp")
+            _sy_target=$(cat "$_sy_f.target")
+            mv -f "$_sy_tmp" "$_sy_target" 2>"$NM_WORK/mv.err" ||
+                nm_fail "$NM_FILES_STEP" "cannot rename $_sy_tmp to $_sy_target: $(nm_last_error "$NM_WORK/mv.err")" \
+                    "Check ${_sy_target%/*} and run again"
+        done
     done
 
     # Release managed files that are no longer staged.
@@ -1612,10 +2133,13 @@ nm_url_authority() {
 }
 
 # Probe every registered mirror with curl and write one JSON object per
-# line to $NM_WORK/mirrors.json. A status of 200 or 401 counts as up.
+# line to $NM_WORK/mirrors.json. A status of 200 or 401 counts as up, unless
+# the response is an HTML page (a proxy's error or login page), which no
+# registry API returns. The error field gives the reason a mirror is not up.
 nm_run_probes() {
     : >"$NM_WORK/mirrors.json"
     NM_PROBES_DOWN=0
+    NM_PROBES_REJECTED=0
     _pr_i=1
     while [ "$_pr_i" -le "$NM_PROBE_COUNT" ]; do
         _pr_base=$NM_STAGE/probe.$_pr_i
@@ -1627,27 +2151,47 @@ nm_run_probes() {
         _pr_cert=$(cat "$_pr_base.6")
         _pr_key=$(cat "$_pr_base.7")
         _pr_status=
+        _pr_type=
+        _pr_error=
         if command -v curl >/dev/null 2>&1; then
-            set -- -q -sS -o /dev/null -w '%{http_code}' --connect-timeout 5 --max-time 10
+            set -- -q -sS -o /dev/null -w '%{http_code} %{content_type}' --connect-timeout 5 --max-time 10
             [ -z "$_pr_ca" ] || set -- "$@" --cacert "$_pr_ca"
             [ "$_pr_skip" != true ] || set -- "$@" -k
             [ -z "$_pr_cert" ] || set -- "$@" --cert "$_pr_cert"
             [ -z "$_pr_key" ] || set -- "$@" --key "$_pr_key"
-            _pr_code=$(curl "$@" "$_pr_url" </dev/null 2>"$NM_WORK/curl.err")
+            [ ! -f "$_pr_base.auth" ] || set -- "$@" -K "$_pr_base.auth"
+            _pr_answer=$(curl "$@" "$_pr_url" </dev/null 2>"$NM_WORK/curl.err")
+            _pr_code=${_pr_answer%% *}
             case $_pr_code in
-            [1-9][0-9][0-9]) _pr_status=$_pr_code ;;
-            *) nm_log "probe of $_pr_url ($_pr_ns) failed: $(nm_redact <"$NM_WORK/curl.err" | tail -n 1)" ;;
+            [1-9][0-9][0-9])
+                _pr_status=$_pr_code
+                _pr_type=${_pr_answer#"$_pr_code"}
+                ;;
+            *)
+                _pr_error="request failed: $(nm_redact <"$NM_WORK/curl.err" | tail -n 1)"
+                nm_log "probe of $_pr_url ($_pr_ns) failed: $_pr_error"
+                ;;
             esac
         else
+            _pr_error="not probed: curl is not installed"
             nm_log "curl is not installed; mirror $_pr_host ($_pr_ns) is not probed"
         fi
         _pr_up=false
-        case $_pr_status in
-        200 | 401) _pr_up=true ;;
-        *) NM_PROBES_DOWN=$((NM_PROBES_DOWN + 1)) ;;
+        case $_pr_status:$(printf '%s' "$_pr_type" | LC_ALL=C tr '[:upper:]' '[:lower:]') in
+        200:*text/html* | 401:*text/html*)
+            _pr_error="HTTP $_pr_status with an HTML page, not the registry API"
+            nm_log "probe of $_pr_url ($_pr_ns) answered $_pr_error"
+            ;;
+        200:* | 401:*) _pr_up=true ;;
+        :*) ;;
+        *) _pr_error="HTTP $_pr_status from GET /v2/" ;;
         esac
-        printf '{"namespace":%s,"url":%s,"status":%s,"up":%s}\n' "$(nm_json_str "$_pr_ns")" \
-            "$(nm_json_str "$_pr_host")" "${_pr_status:-null}" "$_pr_up" >>"$NM_WORK/mirrors.json"
+        [ "$_pr_up" = true ] || NM_PROBES_DOWN=$((NM_PROBES_DOWN + 1))
+        _pr_credentials=$(nm_probe_credentials "$_pr_i" "$_pr_status")
+        [ "$_pr_credentials" != '"rejected"' ] || NM_PROBES_REJECTED=$((NM_PROBES_REJECTED + 1))
+        printf '{"namespace":%s,"url":%s,"status":%s,"up":%s,"credentials":%s,"error":%s}\n' "$(nm_json_str "$_pr_ns")" \
+            "$(nm_json_str "$_pr_host")" "${_pr_status:-null}" "$_pr_up" "$_pr_credentials" \
+            "$(nm_json_str_or_null "$_pr_error")" >>"$NM_WORK/mirrors.json"
         _pr_i=$((_pr_i + 1))
     done
 }
@@ -1673,7 +2217,7 @@ nm_verify_image() {
         # containerd 2.x pulls in the daemon's transfer service, whose requests
         # ctr cannot log, so --local makes ctr pull by itself.
         [ "${NM_MAJOR:-1}" -lt 2 ] || set -- "$@" --local
-        set -- "$@" --hosts-dir "$NM_CONFIG_PATH" "$NM_VERIFY_IMAGE"
+        set -- "$@" --hosts-dir "$(nm_verify_hosts_dir)" "$NM_VERIFY_IMAGE"
         nm_log "pulling $NM_VERIFY_IMAGE with ctr through $NM_CONFIG_PATH"
         # NOTE: 300 s is a fixed limit for the test pull of a small image.
         nm_with_timeout 300 "$NM_CTR" "$@" </dev/null >/dev/null 2>"$NM_WORK/verify.log" 9>&-
@@ -1695,6 +2239,7 @@ nm_verify_image() {
             / msg="fetch response received" / {
                 u = field($0, "url"); st = field($0, "response.status"); h = field($0, "host")
                 if (served == "" && h != "" && index(u, "/manifests/") && st ~ /^2[0-9][0-9]/) { served = h; print "served\t" h }
+                if (h != "" && st ~ /^40[13]/ && !denied[h]++) print "denied\t" h " answered " st
             }
             /^ctr: / { last = $0 }
             END { if (last != "") print "error\t" last }' "$NM_WORK/verify.log" >"$NM_WORK/verify.facts"
@@ -1704,6 +2249,7 @@ nm_verify_image() {
         if [ "$_vi_rc" -ne 0 ]; then
             _vi_error=$(awk -F '\t' '$1 == "error" { print $2 }' "$NM_WORK/verify.facts" | nm_redact)
             [ -n "$_vi_error" ] || _vi_error="ctr images pull failed with exit status $_vi_rc"
+            _vi_error=$_vi_error$(nm_verify_denied_note "$NM_WORK/verify.facts")
         elif [ -z "$_vi_served" ]; then
             _vi_error="the pull succeeded but ctr's debug output names no host that served the manifest"
         elif [ -n "$_vi_hosts" ]; then
@@ -1747,8 +2293,14 @@ nm_mode_hosts() {
     elif [ "$(nm_strip_slashes "$NM_EFFECTIVE_PATH")" != "$NM_CONFIG_PATH" ]; then
         _ho_msg="$_ho_msg. Warning: containerd's config_path is \"$NM_EFFECTIVE_PATH\", not \"$NM_CONFIG_PATH\", so the CRI plugin does not read these files"
     fi
+    if [ -n "$NM_CONTAINERD" ] && [ -z "$_ho_status" ]; then
+        _ho_msg="$_ho_msg. Warning: containerd does not respond on $NM_ADDRESS; it reads these files once it runs"
+    fi
     if [ "$NM_PROBES_DOWN" -gt 0 ]; then
-        _ho_msg="$_ho_msg. Warning: $NM_PROBES_DOWN of $NM_PROBE_COUNT mirrors did not answer with HTTP 200 or 401"
+        _ho_msg="$_ho_msg. Warning: $NM_PROBES_DOWN of $NM_PROBE_COUNT mirrors are down: they did not answer GET /v2/ with HTTP 200 or 401 from a registry (see mirrors[].error)"
+    fi
+    if [ "$NM_PROBES_REJECTED" -gt 0 ]; then
+        _ho_msg="$_ho_msg. Warning: $NM_PROBES_REJECTED of $NM_PROBE_COUNT mirrors rejected the configured credentials (HTTP 401 or 403)"
     fi
     nm_log "$_ho_msg"
     printf '{"mode":"hosts","node":%s,"containerdVersion":%s,"configPath":%s,"criPlugin":%s,"changed":%s,"files":%s,"mirrors":%s,"verification":%s,"message":%s}\n' \
@@ -1780,30 +2332,37 @@ nm_main() {
     umask 077
     nm_stage_init
     case ${1-} in
-    config | hosts | delete) ;;
+    config | config-delete | hosts | delete) ;;
     *)
-        nm_fail "check settings" "unknown mode '${1-}'" "Run the script as sh -s -- config|hosts|delete"
+        nm_fail "check settings" "unknown mode '${1-}'" "Run the script as sh -s -- config|config-delete|hosts|delete"
         ;;
     esac
     nm_check_settings
     nm_setup_path
     case $1 in
     config) nm_mode_config ;;
+    config-delete) nm_mode_config_delete ;;
     hosts) nm_mode_hosts ;;
     delete) nm_mode_delete ;;
     esac
 }
 
-# patch-config FILE CONTAINERD_VERSION CONFIG_PATH: print the candidate.
+# patch-config FILE CONTAINERD_VERSION CONFIG_PATH [AUTH_FILE]: print the
+# candidate. AUTH_FILE lines (HOST<TAB>USER<TAB>PASSWORD) stand in for
+# nm_config_auth calls.
 nm_cli_patch_config() {
     NM_NODE=${NM_NODE:-$(uname -n 2>/dev/null)}
-    if [ $# -ne 4 ]; then
-        nm_fail "check settings" "patch-config needs FILE CONTAINERD_VERSION CONFIG_PATH" \
+    if [ $# -ne 4 ] && [ $# -ne 5 ]; then
+        nm_fail "check settings" "patch-config needs FILE CONTAINERD_VERSION CONFIG_PATH [AUTH_FILE]" \
             "Run: sh nexus-mirror-node.sh patch-config /etc/containerd/config.toml 1.6.20 /etc/containerd/certs.d"
     fi
     umask 077
     nm_stage_init
     nm_check_abs_path CONFIG_PATH "$4"
+    if [ $# -eq 5 ]; then
+        cp "$5" "$NM_STAGE/config-auth.tsv" ||
+            nm_fail "check settings" "cannot read the credentials file $5" "Give a file of HOST<TAB>USER<TAB>PASSWORD lines"
+    fi
     _cl_version=$(nm_parse_version "$3")
     [ -n "$_cl_version" ] || nm_fail "check settings" "invalid containerd version '$3'" "Give a version such as 1.6.20 or 2.0.0"
     nm_patch_config "$2" "${_cl_version%%.*}" "$_cl_version" "$(nm_strip_slashes "$4")" "$NM_WORK/candidate.toml"

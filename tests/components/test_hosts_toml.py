@@ -24,8 +24,10 @@ CASES = sorted(path.stem for path in FIXTURES.glob("*.yaml"))
 
 def _rendered(case: str) -> dict[str, str]:
     document = yaml.safe_load((FIXTURES / f"{case}.yaml").read_text(encoding="utf-8"))
-    values = {"nodes": [{"host": "node-1"}], **document["config"]}
-    config = parse_config(values)
+    # secrets: keys set as Pulumi secrets, such as passwords and client keys.
+    secrets = document.get("secrets") or {}
+    values = {"nodes": [{"host": "node-1"}], **document["config"], **secrets}
+    config = parse_config(values, frozenset(secrets))
     files = {}
     for namespace in config.namespaces:
         for name, text in render_files(namespace).items():

@@ -51,9 +51,21 @@ def test_served_by_mirror() -> None:
     verification = {
         "image": "docker.io/library/busybox:latest",
         "servedBy": "nexus.example.net:8082",
+        "ok": True,
     }
     output = node_output(CONFIG, NODE, "", _hosts(verification=verification))
     assert output["verification"]["throughMirror"] is True
+
+
+def test_failed_pull_not_through_mirror() -> None:
+    # A mirror that answers HTML resolves the tag, then the pull fails.
+    verification = {
+        "image": "docker.io/library/busybox:latest",
+        "servedBy": "nexus.example.net:8082",
+        "ok": False,
+    }
+    output = node_output(CONFIG, NODE, "", _hosts(verification=verification))
+    assert output["verification"]["throughMirror"] is False
 
 
 def test_served_by_upstream() -> None:
@@ -63,7 +75,7 @@ def test_served_by_upstream() -> None:
 
 
 def test_other_registry_uses_default_mirror() -> None:
-    verification = {"image": "quay.io/org/app:1", "servedBy": "nexus.example.net:8090"}
+    verification = {"image": "quay.io/org/app:1", "servedBy": "nexus.example.net:8090", "ok": True}
     output = node_output(CONFIG, NODE, "", _hosts(verification=verification))
     assert output["verification"]["throughMirror"] is True
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 import subprocess
 import tempfile
@@ -17,6 +18,11 @@ from tests.e2e.pulumi_cli import CliStack, cli_requested
 from tests.e2e.replay import ReplayMocks, ReplayState, destroy
 from tests.e2e.stack import lab_config, write_stack_file
 from tests.program_run import ProgramRun, run_program, stack_config
+
+# A failed command fails its resource's registration in the Pulumi runtime,
+# and asyncio logs each such future again when it is collected ("Future
+# exception was never retrieved"). The test gets the failure as CommandFailed.
+logging.getLogger("asyncio").setLevel(logging.CRITICAL)
 
 
 @pytest.fixture(scope="module")
@@ -56,14 +62,21 @@ class Stack:
     directory: Path
     state: ReplayState = field(default_factory=ReplayState)
 
-    def up(self, config: dict[str, Any]) -> ProgramRun:
-        """Write the stack file and apply it: ``pulumi up`` through the replay."""
+    def up(self, config: dict[str, Any], private_key: str | None = None) -> ProgramRun:
+        """Write the stack file and apply it: ``pulumi up`` through the replay.
+
+        PRIVATE_KEY replaces the lab's SSH key as nexus-mirror:sshPrivateKey.
+        """
         stack_file = write_stack_file(self.directory / "Pulumi.lab.yaml", config)
-        values, secret_names = stack_config(
-            stack_file, secrets={"sshPrivateKey": self.lab.ssh_key.read_text()}
-        )
+        key = self.lab.ssh_key.read_text() if private_key is None else private_key
+        values, secret_names = stack_config(stack_file, secrets={"sshPrivateKey": key})
         mocks = ReplayMocks(self.state)
-        run = run_program(mocks, values, secret_names, stack="lab")
+        try:
+            run = run_program(mocks, values, secret_names, stack="lab")
+        except BaseException:
+            # Commands of other nodes that had started still finish on their nodes.
+            mocks.wait_idle()
+            raise
         mocks.delete_unregistered()
         return run
 

@@ -86,7 +86,25 @@ def _ssh(
         key_file = Path(scratch) / "key"
         key_file.write_text(connection["privateKey"])
         os.chmod(key_file, 0o600)
-        options = ["-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR"]
+        options = ["-o", "IdentitiesOnly=yes", "-o", "LogLevel=ERROR"]
+        environment = dict(os.environ)
+        passphrase = connection.get("privateKeyPassword")
+        if passphrase:
+            # BatchMode would forbid the passphrase prompt, so ssh runs this
+            # program for it, which prints it from the environment. Every
+            # other prompt stays off.
+            askpass = Path(scratch) / "askpass"
+            askpass.write_text("#!/bin/sh\nprintf '%s\\n' \"$NM_REPLAY_PASSPHRASE\"\n")
+            os.chmod(askpass, 0o700)
+            environment.update(
+                SSH_ASKPASS=str(askpass),
+                SSH_ASKPASS_REQUIRE="force",
+                NM_REPLAY_PASSPHRASE=passphrase,
+            )
+            options += ["-o", "PasswordAuthentication=no", "-o", "KbdInteractiveAuthentication=no"]
+            options += ["-o", "NumberOfPasswordPrompts=1"]
+        else:
+            options += ["-o", "BatchMode=yes"]
         host_key = connection.get("hostKey")
         if host_key:
             known = Path(scratch) / "known_hosts"
@@ -110,7 +128,12 @@ def _ssh(
             command,
         ]
         result = subprocess.run(
-            argv, input=stdin or "", capture_output=True, text=True, timeout=timeout
+            argv,
+            input=stdin or "",
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=environment,
         )
     return result.returncode, result.stdout, result.stderr
 
@@ -123,12 +146,33 @@ class ReplayMocks(pulumi.runtime.Mocks):
         self.timeout = timeout
         self.registered: set[str] = set()
         self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._running = 0
+
+    def wait_idle(self, timeout: float | None = None) -> None:
+        """Wait until no command runs over SSH.
+
+        A failed program run returns at its first failure while commands that
+        had already started still run, as in ``pulumi up``, which lets running
+        steps finish and starts no new ones. Raises TimeoutError after TIMEOUT
+        seconds (default: the command timeout).
+        """
+        with self._idle:
+            if not self._idle.wait_for(lambda: self._running == 0, timeout or self.timeout):
+                raise TimeoutError(f"{self._running} commands still run over SSH")
 
     def _run(self, name: str, operation: str, inputs: dict[str, Any], command: str) -> Execution:
         started = time.time()
-        code, stdout, stderr = _ssh(
-            inputs["connection"], command, inputs.get("stdin"), self.timeout
-        )
+        with self._lock:
+            self._running += 1
+        try:
+            code, stdout, stderr = _ssh(
+                inputs["connection"], command, inputs.get("stdin"), self.timeout
+            )
+        finally:
+            with self._idle:
+                self._running -= 1
+                self._idle.notify_all()
         execution = Execution(name, operation, command, code, stdout, stderr, started, time.time())
         with self._lock:
             self.state.executions.append(execution)

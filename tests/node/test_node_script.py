@@ -19,6 +19,7 @@ import http.server
 import io
 import json
 import os
+import secrets
 import shlex
 import shutil
 import signal
@@ -446,7 +447,9 @@ def test_hosts_reports_effective_config_path(hosts_settings: Settings) -> None:
 
     assert run.returncode == 0, run.stderr
     assert run.report["configPath"] == str(hosts_settings.config_path)
-    assert "Warning" not in run.report["message"]
+    assert "config_path" not in run.report["message"]
+    # No containerd runs here; the files wait for it.
+    assert "Warning: containerd does not respond on" in run.report["message"]
 
 
 def test_hosts_warns_when_config_path_differs(hosts_settings: Settings) -> None:
@@ -508,21 +511,98 @@ def test_probes_report_status(hosts_settings: Settings, registry_stub: int) -> N
     run = run_script("hosts", hosts_settings, docker_files(), probes)
 
     assert run.returncode == 0, run.stderr
-    assert run.report["mirrors"] == [
+    mirrors = run.report["mirrors"]
+    errors = [mirror.pop("error") for mirror in mirrors]
+    assert mirrors == [
         {
             "namespace": "docker.io",
             "url": f"http://127.0.0.1:{registry_stub}",
             "status": 401,
             "up": True,
+            "credentials": None,
         },
         {
             "namespace": "docker.io",
             "url": f"http://127.0.0.1:{closed}",
             "status": None,
             "up": False,
+            "credentials": None,
         },
     ]
-    assert "1 of 2 mirrors" in run.report["message"]
+    assert errors[0] is None
+    assert errors[1].startswith("request failed: curl: (7) Failed to connect to 127.0.0.1")
+    assert "1 of 2 mirrors are down" in run.report["message"]
+
+
+class _HtmlStub(http.server.BaseHTTPRequestHandler):
+    """A proxy's login page in place of a registry: 200 with HTML for every path."""
+
+    def do_GET(self) -> None:  # noqa: N802 - name fixed by BaseHTTPRequestHandler
+        page = b"<html><body>Sign in</body></html>"
+        self.send_response(200)
+        self.send_header("Content-Type", "Text/HTML; charset=utf-8")
+        self.send_header("Content-Length", str(len(page)))
+        self.end_headers()
+        self.wfile.write(page)
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+def test_probe_html_page_is_not_up(hosts_settings: Settings) -> None:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _HtmlStub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    url = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        run = run_script(
+            "hosts", hosts_settings, docker_files(), [Probe("docker.io", url, f"{url}/v2/")]
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    assert run.returncode == 0, run.stderr
+    [mirror] = run.report["mirrors"]
+    assert mirror["status"] == 200
+    assert mirror["up"] is False
+    assert mirror["error"] == "HTTP 200 with an HTML page, not the registry API"
+
+
+def test_stale_scratch_directory_removed(hosts_settings: Settings) -> None:
+    """A run removes the scratch directory of a killed run, and only such a one."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    # Named as mktemp names them: nexus-mirror. and six characters.
+    stale = Path("/tmp") / f"nexus-mirror.{secrets.token_hex(3)}"
+    stale.mkdir(mode=0o700)
+    (stale / "pid").write_text(f"{dead.pid}\n")
+    live = Path("/tmp") / f"nexus-mirror.{secrets.token_hex(3)}"
+    live.mkdir(mode=0o700)
+    (live / "pid").write_text(f"{os.getpid()}\n")
+    try:
+        run = run_script("hosts", hosts_settings, docker_files())
+
+        assert run.returncode == 0, run.stderr
+        assert not stale.exists()
+        assert live.is_dir()
+    finally:
+        shutil.rmtree(stale, ignore_errors=True)
+        shutil.rmtree(live, ignore_errors=True)
+
+
+def test_stale_temporary_file_removed(hosts_settings: Settings) -> None:
+    """A killed run's temporary file next to a managed file is gone after the next run."""
+    first = run_script("hosts", hosts_settings, docker_files())
+    assert first.returncode == 0, first.stderr
+    left = hosts_settings.config_path / "docker.io" / ".hosts.toml.nexus-mirror.AbC123"
+    left.write_text("partial")
+
+    run = run_script("hosts", hosts_settings, docker_files())
+
+    assert run.returncode == 0, run.stderr
+    assert not left.exists()
+    assert f"removed {left}, left by an earlier run" in run.stderr
 
 
 JSON_CASES = [
@@ -896,7 +976,12 @@ def containerd_2(tmp_path: Path) -> Iterator[Settings]:
         state_dir=tmp_path / "state",
         address=tmp_path / "c.sock",
         manage_config=True,
-        restart_command=f"echo restart >>{shlex.quote(str(restarts))}",
+        # A restarted containerd binds its socket again. touch gives it a later
+        # mtime, after a pause longer than the file system's timestamp step.
+        restart_command=(
+            f"echo restart >>{shlex.quote(str(restarts))}; sleep 0.1; "
+            f"touch {shlex.quote(str(tmp_path / 'c.sock'))}"
+        ),
         bin_dir=str(bin_dir),
     )
     listener.close()

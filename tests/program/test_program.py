@@ -126,9 +126,14 @@ def test_commands_are_short_and_fixed() -> None:
     mocks = RecordingMocks()
     _run(mocks)
     hosts = mocks.resources["worker-1-hosts"]["inputs"]
-    assert hosts["create"] == "sudo -n sh -s -- hosts"
-    assert hosts["delete"] == "sudo -n sh -s -- delete"
-    assert mocks.resources["worker-1-config"]["inputs"]["create"] == "sudo -n sh -s -- config"
+    config_create = mocks.resources["worker-1-config"]["inputs"]["create"]
+    # A user other than root checks sudo -n first, then runs the script through it.
+    assert hosts["create"].endswith("; exec sudo -n sh -s -- hosts")
+    assert hosts["delete"].endswith("; exec sudo -n sh -s -- delete")
+    assert config_create.endswith("; exec sudo -n sh -s -- config")
+    assert config_create.startswith("nm_sudo=$(sudo -n true 2>&1 </dev/null) || ")
+    assert "node worker-1: check sudo:" in config_create
+    assert "\n" not in config_create
     assert "delete" not in mocks.resources["worker-1-config"]["inputs"]
 
 
