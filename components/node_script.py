@@ -58,7 +58,8 @@ class NodeInput:
     """Wanted files by path relative to configPath (hosts mode only)."""
 
 
-def _settings(node: Node, verify_image: str | None = None) -> list[str]:
+def settings_lines(node: Node, verify_image: str | None = None) -> list[str]:
+    """Return the NM_* assignments of the tail, every value single-quoted."""
     settings = node.containerd
     values = {
         "NM_NODE": node.name,
@@ -98,7 +99,7 @@ def _absolute(base: str, path: str) -> str:
     return path if not path or path.startswith("/") else f"{base}/{path}"
 
 
-def _probe_lines(node: Node, namespace: Namespace, number: int) -> tuple[list[str], int]:
+def probe_lines(node: Node, namespace: Namespace, number: int) -> tuple[list[str], int]:
     """Return the nm_probe lines of a namespace and the last here-document number used."""
     lines = []
     base = f"{node.containerd.config_path}/{namespace.name}"
@@ -157,7 +158,7 @@ def config_input(node: Node, config: MirrorConfig | None = None) -> NodeInput:
     registry.configs auth tables, one nm_config_auth call each with the
     password in a here-document, and is then a secret.
     """
-    lines = _settings(node)
+    lines = settings_lines(node)
     tables = config_auth_tables(config.namespaces) if config is not None else []
     for number, table in enumerate(tables, start=1):
         call = " ".join(shlex.quote(w) for w in ("nm_config_auth", table.host, table.username))
@@ -168,7 +169,7 @@ def config_input(node: Node, config: MirrorConfig | None = None) -> NodeInput:
 
 def hosts_input(node: Node, config: MirrorConfig) -> NodeInput:
     """Standard input of the hosts command: every managed file, the probes and the test pull."""
-    lines = _settings(node, config.verify_image or "")
+    lines = settings_lines(node, config.verify_image or "")
     files: dict[str, str] = {}
     number = 0
     config_auth = bool(config_auth_tables(config.namespaces))
@@ -180,7 +181,7 @@ def hosts_input(node: Node, config: MirrorConfig) -> NodeInput:
             call = " ".join(shlex.quote(w) for w in ("nm_file", namespace.name, name, mode))
             lines.extend(_heredoc(call, content, number))
             files[f"{namespace.name}/{name}"] = content
-        probes, number = _probe_lines(node, namespace, number)
+        probes, number = probe_lines(node, namespace, number)
         lines.extend(probes)
         if config_auth and config.verify_image:
             number += 1

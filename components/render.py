@@ -16,9 +16,10 @@ from pathlib import Path
 import yaml
 
 from .config import parse_config
+from .model import MirrorConfig
 from .node_script import config_input, hosts_input
 from .stack_file import load_stack_file
-from .validation import ConfigError
+from .validation import SECRET_PLACEHOLDER, ConfigError
 
 log = logging.getLogger("nexus-mirror")
 
@@ -30,6 +31,8 @@ def render_stack(stack_file: Path, out: Path) -> list[Path]:
     for warning in config.warnings:
         log.warning("%s", warning)
     written: list[Path] = []
+    if config.delivery == "kubernetes":
+        return _render_kubernetes(config, out)
     for node in config.nodes:
         node_dir = out / node.name
         hosts = hosts_input(node, config)
@@ -47,6 +50,25 @@ def render_stack(stack_file: Path, out: Path) -> list[Path]:
             path = node_dir / name
             path.write_text(text, encoding="utf-8")
             written.append(path)
+    return written
+
+
+def _render_kubernetes(config: MirrorConfig, out: Path) -> list[Path]:
+    """Write every manifest of a Kubernetes stack, one YAML file each, Secret values masked."""
+    from .kubernetes.bundle import build_bundle
+    from .kubernetes.render import all_manifests
+
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for index, manifest in enumerate(all_manifests(config, build_bundle(config))):
+        if manifest.get("kind") == "Secret":
+            for field in ("stringData", "data"):
+                if field in manifest:
+                    manifest[field] = {name: SECRET_PLACEHOLDER for name in manifest[field]}
+        name = manifest.get("metadata", {}).get("name", "object")
+        path = out / f"{index:02d}-{manifest.get('kind', 'Object').lower()}-{name}.yaml"
+        path.write_text(yaml.safe_dump(manifest, sort_keys=False), encoding="utf-8")
+        written.append(path)
     return written
 
 

@@ -22,7 +22,7 @@ from importlib import resources
 
 from ..hosts_toml import file_modes, render_files
 from ..model import MirrorConfig, Node
-from ..node_script import SCRIPT_NAME, _probe_lines, _settings, node_script
+from ..node_script import SCRIPT_NAME, node_script, probe_lines, settings_lines
 
 SYNC_SCRIPT_NAME = "kubernetes-sync.sh"
 FILES_DIR = "/nexus-mirror/files"
@@ -116,7 +116,7 @@ def build_bundle(config: MirrorConfig) -> Bundle:
     """Split the rendered files of every namespace into ConfigMap and Secret data."""
     node = bundle_node(config)
     # Each pod sets NM_NODE from its spec.nodeName, so the placeholder name is dropped.
-    settings = [line for line in _settings(node, "") if not line.startswith("NM_NODE=")]
+    settings = [line for line in settings_lines(node, "") if not line.startswith("NM_NODE=")]
     tail: list[str] = []
     files: list[BundleFile] = []
     heredocs = 0
@@ -133,7 +133,7 @@ def build_bundle(config: MirrorConfig) -> Bundle:
             files.append(BundleFile(namespace.name, name, mode, key, content, secret))
             words = " ".join(shlex.quote(word) for word in ("nm_file", namespace.name, name, mode))
             tail.append(f'{words} <"$NM_K8S_FILES"/{shlex.quote(key)}')
-        probes, heredocs = _probe_lines(node, namespace, heredocs)
+        probes, heredocs = probe_lines(node, namespace, heredocs)
         tail.extend(probes)
     keys = [item.key for item in files]
     if len(set(keys)) != len(keys):

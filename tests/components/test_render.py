@@ -87,3 +87,23 @@ def test_render_missing_stack_file(tmp_path: Path) -> None:
         main(["render", "--stack", "nope", "--out", str(tmp_path / "out"), "--dir", str(tmp_path)])
         == 2
     )
+
+
+def test_render_kubernetes_masks_secret(tmp_path: Path) -> None:
+    document = yaml.safe_load(yaml.safe_dump(STACK))
+    config = document["config"]
+    del config["nexus-mirror:nodes"], config["nexus-mirror:sshPrivateKey"]
+    config["nexus-mirror:delivery"] = "kubernetes"
+    config["nexus-mirror:kubernetes"] = {"image": "nexus.example.net:8082/library/busybox:1.37"}
+    config["nexus-mirror:nexus"]["username"] = "puller"
+    config["nexus-mirror:nexusPassword"] = {"secure": "v1:cGFzcw=="}
+    project = _write(tmp_path, document)
+    out = tmp_path / "out"
+    assert main(["render", "--stack", "test", "--out", str(out), "--dir", str(project)]) == 0
+    kinds = [yaml.safe_load(p.read_text())["kind"] for p in sorted(out.iterdir())]
+    assert "DaemonSet" in kinds
+    assert "ConfigMap" in kinds
+    secret = next(yaml.safe_load(p.read_text()) for p in out.iterdir() if "-secret-" in p.name)
+    values = secret.get("stringData") or secret.get("data") or {}
+    assert values
+    assert set(values.values()) == {"[secret]"}
