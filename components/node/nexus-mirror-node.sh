@@ -2273,10 +2273,31 @@ nm_verify_image() {
         "$_vi_ok" "$(nm_json_str_or_null "$_vi_error")"
 }
 
+# Reject a host_port_ directory beside a host:port namespace: containerd looks
+# that form up first, so it would hide the managed host:port directory.
+nm_check_shadowed() {
+    _cs_i=1
+    while [ "$_cs_i" -le "$NM_FILE_COUNT" ]; do
+        _cs_ns=$(cat "$NM_STAGE/file.$_cs_i.ns")
+        case $_cs_ns in
+        *:*)
+            _cs_dir=$NM_CONFIG_PATH/${_cs_ns%:*}_${_cs_ns##*:}_
+            if [ -e "$_cs_dir" ]; then
+                nm_fail "check hosts directories" \
+                    "$_cs_dir exists, and containerd reads it before $NM_CONFIG_PATH/$_cs_ns, so the mirrors for $_cs_ns would never be used" \
+                    "Move its settings into nexus-mirror:registries and remove $_cs_dir"
+            fi
+            ;;
+        esac
+        _cs_i=$((_cs_i + 1))
+    done
+}
+
 nm_mode_hosts() {
     NM_FILES_STEP="write hosts files"
     nm_lock
     nm_find_containerd
+    nm_check_shadowed
     nm_sync_files apply
     nm_effective_config_path
     _ho_status=$(nm_cri_status)

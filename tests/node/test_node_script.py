@@ -1188,3 +1188,18 @@ def test_hosts_verification_reports_fallback(daemon: Daemon, local_registry: str
     assert verification["hostsTried"] == [down.removeprefix("http://"), upstream]
     assert verification["ok"] is False
     assert "not a configured mirror" in verification["error"]
+
+
+def test_host_port_directory_shadowing_rejected(hosts_settings: Settings) -> None:
+    shadow = hosts_settings.config_path / "registry.local_5000_"
+    shadow.mkdir(parents=True)
+    (shadow / "hosts.toml").write_text('server = "https://registry.local:5000"\n')
+    files = [StagedFile("registry.local:5000", "hosts.toml", 'server = "https://m"\n')]
+
+    run = run_script("hosts", hosts_settings, files)
+
+    assert run.returncode == 1
+    last = run.stderr.strip().splitlines()[-1]
+    assert "check hosts directories" in last
+    assert "registry.local_5000_" in last
+    assert not (hosts_settings.config_path / "registry.local:5000").exists()
