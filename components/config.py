@@ -25,22 +25,17 @@ from .credentials import (
     referenced_keys,
 )
 from .kubernetes.settings import check_delivery, check_kubernetes, reject_ssh_keys
-from .model import Bastion, Containerd, MirrorConfig, Node, Ssh
+from .model import Containerd, MirrorConfig, Node
+from .nodes import check_containerd, check_nodes, check_ssh
 from .registries import check_namespace_name, check_registry
 from .validation import (
     SECRET_PLACEHOLDER,
     Problems,
-    check_absolute_path,
     check_bool,
-    check_host_key,
     check_int,
     check_keys,
-    check_name,
     check_pem,
-    check_ssh_host,
-    check_text,
     check_url,
-    check_user,
     key_path,
     key_path_child,
     key_text,
@@ -72,17 +67,6 @@ OBJECT_KEYS = (
     "rollout",
     "kubernetes",
 )
-CONTAINERD_FIELDS = {
-    "configPath": "config_path",
-    "configFile": "config_file",
-    "restartCommand": "restart_command",
-    "manageConfigFile": "manage_config_file",
-    "address": "address",
-    "binDir": "bin_dir",
-    "stateDir": "state_dir",
-    "restartTimeout": "restart_timeout",
-    "logCommand": "log_command",
-}
 _IMAGE = re.compile(
     r"^(?:(?P<domain>[a-z0-9.-]+(?::[0-9]+)?|\[[0-9a-f:]+\](?::[0-9]+)?)/)?"
     r"(?P<path>[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*)*)"
@@ -162,199 +146,6 @@ def _reference_name(reference: str) -> str:
     if ":" in name.rsplit("/", 1)[-1]:
         name = name[: name.rfind(":")]
     return name
-
-
-def _check_containerd(problems: Problems, key: str, value: Any, base: Containerd) -> Containerd:
-    if value is None:
-        return base
-    if not isinstance(value, dict):
-        problems.error(
-            key, value, "must be an object", "Such as {configPath: /etc/containerd/certs.d}."
-        )
-        return base
-    check_keys(problems, key, value, list(CONTAINERD_FIELDS))
-    changes: dict[str, Any] = {}
-    for name, field_name in CONTAINERD_FIELDS.items():
-        if name not in value:
-            continue
-        item_key = key_path_child(key, name)
-        item = value[name]
-        checked: Any
-        if name in ("configPath", "configFile", "address", "stateDir"):
-            checked = check_absolute_path(problems, item_key, item)
-        elif name == "binDir":
-            checked = "" if item == "" else check_absolute_path(problems, item_key, item)
-        elif name in ("restartCommand", "logCommand"):
-            checked = check_text(problems, item_key, item, "command")
-        elif name == "manageConfigFile":
-            checked = check_bool(problems, item_key, item)
-        else:
-            checked = check_int(problems, item_key, item, 5, 3600, "number of seconds")
-        if isinstance(checked, str) and name in ("configPath", "binDir") and ":" in checked:
-            # containerd splits config_path, and sh splits PATH, at every ':'.
-            problems.error(
-                item_key,
-                checked,
-                "contains ':', which splits it into a list of directories",
-                "Use a directory whose path has no ':'.",
-            )
-            checked = None
-        if checked is not None:
-            changes[field_name] = checked
-    result = dataclasses.replace(base, **changes)
-    if result.config_path in ("/", result.state_dir) or result.config_path.startswith(
-        result.state_dir + "/"
-    ):
-        problems.error(
-            key_path_child(key, "configPath"),
-            result.config_path,
-            "configPath must be a directory of its own",
-            "Use a directory such as /etc/containerd/certs.d.",
-        )
-    return result
-
-
-def _check_ssh(problems: Problems, value: Any) -> Ssh:
-    key = key_path("ssh")
-    if value is None:
-        return Ssh()
-    if not isinstance(value, dict):
-        problems.error(key, value, "must be an object", "Such as {user: root}.")
-        return Ssh()
-    check_keys(problems, key, value, ["user", "bastion", "perDialTimeout", "dialErrorLimit"])
-    user = check_user(problems, key_path_child(key, "user"), value.get("user", "root")) or "root"
-    bastion = None
-    if "bastion" in value:
-        bastion_key = key_path_child(key, "bastion")
-        raw = value["bastion"]
-        if not isinstance(raw, dict):
-            problems.error(
-                bastion_key, raw, "must be an object", "Such as {host: 10.0.0.2, user: jump}."
-            )
-        else:
-            check_keys(problems, bastion_key, raw, ["host", "port", "user", "hostKey"])
-            host = check_ssh_host(problems, key_path_child(bastion_key, "host"), raw.get("host"))
-            port = check_int(
-                problems, key_path_child(bastion_key, "port"), raw.get("port", 22), 1, 65535, "port"
-            )
-            bastion_user = check_user(
-                problems, key_path_child(bastion_key, "user"), raw.get("user", user)
-            )
-            host_key = None
-            if "hostKey" in raw:
-                host_key = check_host_key(
-                    problems, key_path_child(bastion_key, "hostKey"), raw["hostKey"]
-                )
-            else:
-                problems.warn(
-                    bastion_key, "has no hostKey: the bastion's host key is not verified."
-                )
-            if host and port and bastion_user:
-                bastion = Bastion(host=host, port=port, user=bastion_user, host_key=host_key)
-    timeout = check_int(
-        problems,
-        key_path_child(key, "perDialTimeout"),
-        value.get("perDialTimeout", 15),
-        1,
-        600,
-        "number of seconds",
-    )
-    limit = check_int(
-        problems,
-        key_path_child(key, "dialErrorLimit"),
-        value.get("dialErrorLimit", 10),
-        1,
-        1000,
-        "count",
-    )
-    return Ssh(
-        user=user, bastion=bastion, per_dial_timeout=timeout or 15, dial_error_limit=limit or 10
-    )
-
-
-def _check_nodes(
-    problems: Problems, value: Any, ssh: Ssh, containerd: Containerd
-) -> tuple[Node, ...]:
-    key = key_path("nodes")
-    if value is None:
-        problems.error(
-            key, value, "no nodes are set", "List the nodes, such as [{host: 10.0.0.11}]."
-        )
-        return ()
-    if not isinstance(value, list) or not value:
-        problems.error(
-            key, value, "must be a non-empty list", "List the nodes, such as [{host: 10.0.0.11}]."
-        )
-        return ()
-    nodes: list[Node] = []
-    names: dict[str, str] = {}
-    endpoints: dict[tuple[str, int, str], str] = {}
-    unpinned = []
-    for index, raw in enumerate(value):
-        node_key = key_path_child(key, index)
-        if not isinstance(raw, dict):
-            problems.error(
-                node_key, raw, "must be an object with at least host", "Such as {host: 10.0.0.11}."
-            )
-            continue
-        check_keys(
-            problems, node_key, raw, ["name", "host", "port", "user", "hostKey", "containerd"]
-        )
-        host = check_ssh_host(problems, key_path_child(node_key, "host"), raw.get("host"))
-        name = (
-            check_name(problems, key_path_child(node_key, "name"), raw.get("name", host))
-            if host
-            else None
-        )
-        port = check_int(
-            problems, key_path_child(node_key, "port"), raw.get("port", 22), 1, 65535, "port"
-        )
-        user = check_user(problems, key_path_child(node_key, "user"), raw.get("user", ssh.user))
-        host_key = None
-        if "hostKey" in raw:
-            host_key = check_host_key(problems, key_path_child(node_key, "hostKey"), raw["hostKey"])
-        else:
-            unpinned.append(name or str(index))
-        node_containerd = _check_containerd(
-            problems, key_path_child(node_key, "containerd"), raw.get("containerd"), containerd
-        )
-        if not (host and name and port and user):
-            continue
-        if name in names:
-            problems.error(
-                key_path_child(node_key, "name"),
-                name,
-                f"node name is already used by {names[name]}",
-                "Give every node its own name.",
-            )
-            continue
-        names[name] = node_key
-        endpoint = (host, port, node_containerd.config_file)
-        if endpoint in endpoints:
-            problems.error(
-                node_key,
-                host,
-                f"same host, port and configFile as {endpoints[endpoint]}",
-                "List each node once.",
-            )
-            continue
-        endpoints[endpoint] = node_key
-        nodes.append(
-            Node(
-                name=name,
-                host=host,
-                port=port,
-                user=user,
-                host_key=host_key,
-                containerd=node_containerd,
-            )
-        )
-    if unpinned:
-        problems.warn(
-            key,
-            f"host keys are not verified for {', '.join(unpinned)}: set hostKey (see ssh-keyscan) to pin them.",
-        )
-    return tuple(nodes)
 
 
 def _check_nexus(problems: Problems, value: Any, secrets: SecretKeys) -> dict[str, Any] | None:
@@ -486,7 +277,7 @@ def parse_config(raw: Mapping[str, Any], secret_keys: frozenset[str] = frozenset
                 if namespace is not None:
                     namespaces.append(namespace)
 
-    containerd = _check_containerd(
+    containerd = check_containerd(
         problems, key_path("containerd"), values.get("containerd"), Containerd()
     )
     kubernetes = None
@@ -508,10 +299,10 @@ def parse_config(raw: Mapping[str, Any], secret_keys: frozenset[str] = frozenset
             "is read only with nexus-mirror:delivery kubernetes",
             "Set nexus-mirror:delivery kubernetes, or remove the block.",
         )
-    ssh = _check_ssh(problems, values.get("ssh") if delivery == "ssh" else None)
+    ssh = check_ssh(problems, values.get("ssh") if delivery == "ssh" else None)
     nodes: tuple[Node, ...] = ()
     if delivery == "ssh":
-        nodes = _check_nodes(problems, values.get("nodes"), ssh, containerd)
+        nodes = check_nodes(problems, values.get("nodes"), ssh, containerd)
     check_credential_use(problems, namespaces, nodes)
     if secret_keys & {"containerd", "nodes"}:
         nodes = tuple(dataclasses.replace(node, secret=True) for node in nodes)

@@ -21,7 +21,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from components.config import CONTAINERD_FIELDS, OBJECT_KEYS, TOP_LEVEL_KEYS
+from components.config import OBJECT_KEYS, TOP_LEVEL_KEYS
+from components.nodes import CONTAINERD_FIELDS
 from components.registries import MIRROR_KEYS, REGISTRY_KEYS
 from components.render import render_stack
 from components.validation import ConfigError, key_path, key_text
