@@ -6,6 +6,10 @@
 set -eu
 cd "$(dirname "$0")"
 
+if [ "$#" -eq 0 ] && [ "$(id -u)" -ne 0 ]; then
+    echo "up.sh: the local lab starts containerd and sshd, so run it as root, or name a stack: ./up.sh STACK" >&2
+    exit 1
+fi
 if [ ! -x .venv/bin/python ]; then
     python3 -m venv .venv
 fi
@@ -13,8 +17,8 @@ fi
 
 if [ "$#" -gt 0 ]; then
     if ! command -v pulumi >/dev/null 2>&1; then
-        echo "up.sh: the Pulumi CLI is not installed; install it (https://www.pulumi.com/docs/install/) and run again." >&2
-        echo "up.sh: to review the files without it: .venv/bin/python -m components render --stack $1 --out render-out" >&2
+        echo "up.sh: the Pulumi CLI is not installed. Install it (https://www.pulumi.com/docs/install/) and run again." >&2
+        echo "up.sh: to review the files without it, run: .venv/bin/python -m components render --stack $1 --out render-out" >&2
         exit 1
     fi
     stack=$1
@@ -22,9 +26,5 @@ if [ "$#" -gt 0 ]; then
     exec pulumi up --stack "$stack" "$@"
 fi
 
-if [ "$(id -u)" -ne 0 ]; then
-    echo "up.sh: the local lab starts containerd and sshd, so run it as root (or name a stack: ./up.sh STACK)" >&2
-    exit 1
-fi
 sh lab/install.sh
 exec .venv/bin/python -m lab.demo

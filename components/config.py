@@ -8,6 +8,7 @@ Pulumi program or the render command reads them) and returns a
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import re
 from collections.abc import Mapping
@@ -239,11 +240,16 @@ def parse_config(raw: Mapping[str, Any], secret_keys: frozenset[str] = frozenset
     mirror_secrets = referenced_keys(values.get("registries"))
     for name in values:
         if name not in TOP_LEVEL_KEYS and name not in mirror_secrets:
-            problems.error(
-                key_path(name),
-                None if name in secret_keys else values[name],
-                "unknown key",
-                f"Known keys: {', '.join(TOP_LEVEL_KEYS)}.",
+            # A misspelled key may be a misspelled secret, so its value is never shown.
+            close = difflib.get_close_matches(
+                str(name).lower(), [k.lower() for k in TOP_LEVEL_KEYS], n=1
+            )
+            hint = ""
+            if close:
+                hint = f"Did you mean {TOP_LEVEL_KEYS[[k.lower() for k in TOP_LEVEL_KEYS].index(close[0])]!r}? "
+            problems.errors.append(
+                f"{key_path(name)}: unknown key (value not shown). "
+                f"{hint}Known keys: {', '.join(TOP_LEVEL_KEYS)}."
             )
 
     delivery = check_delivery(problems, values.get("delivery"))
@@ -331,7 +337,7 @@ def parse_config(raw: Mapping[str, Any], secret_keys: frozenset[str] = frozenset
     if "sshPrivateKey" not in values and delivery == "ssh":
         problems.warn(
             key_path("sshPrivateKey"),
-            "is not set: pulumi-command falls back to the SSH agent at SSH_AUTH_SOCK.",
+            "no key is set, so pulumi-command uses the SSH agent at SSH_AUTH_SOCK.",
         )
     verify_image = _check_verify(problems, values.get("verify"))
     if verify_image is not None and namespaces:

@@ -79,14 +79,20 @@ def check_containerd(problems: Problems, key: str, value: Any, base: Containerd)
         if checked is not None:
             changes[field_name] = checked
     result = dataclasses.replace(base, **changes)
-    if result.config_path in ("/", result.state_dir) or result.config_path.startswith(
-        result.state_dir + "/"
-    ):
+    config_path, state_dir = result.config_path, result.state_dir
+    if config_path == "/" or config_path.startswith(state_dir + "/"):
         problems.error(
             key_path_child(key, "configPath"),
-            result.config_path,
-            "configPath must be a directory of its own",
+            config_path,
+            "configPath must be a directory of its own, outside stateDir",
             "Use a directory such as /etc/containerd/certs.d.",
+        )
+    elif state_dir == "/" or state_dir == config_path or state_dir.startswith(config_path + "/"):
+        problems.error(
+            key_path_child(key, "stateDir"),
+            state_dir,
+            "stateDir must be a directory of its own, outside configPath",
+            "Use a directory such as /var/lib/nexus-mirror.",
         )
     return result
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 from pathlib import Path
 
@@ -35,6 +36,8 @@ def render_stack(stack_file: Path, out: Path) -> list[Path]:
         return _render_kubernetes(config, out)
     for node in config.nodes:
         node_dir = out / node.name
+        # Files a node no longer receives must not survive from an earlier render.
+        shutil.rmtree(node_dir, ignore_errors=True)
         hosts = hosts_input(node, config)
         for relative, content in hosts.files.items():
             path = node_dir / node.containerd.config_path.lstrip("/") / relative
@@ -58,7 +61,9 @@ def _render_kubernetes(config: MirrorConfig, out: Path) -> list[Path]:
     from .kubernetes.bundle import build_bundle
     from .kubernetes.render import all_manifests
 
-    out.mkdir(parents=True, exist_ok=True)
+    out = out / "kubernetes"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     written = []
     for index, manifest in enumerate(all_manifests(config, build_bundle(config))):
         if manifest.get("kind") == "Secret":
@@ -74,12 +79,19 @@ def _render_kubernetes(config: MirrorConfig, out: Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m components", description=__doc__.split("\n\n")[0]
+        prog="python -m components",
+        description="Validate a stack file and write the files each node would receive.",
     )
     commands = parser.add_subparsers(dest="command", required=True)
     render = commands.add_parser("render", help="write the files each node would receive")
     render.add_argument("--stack", required=True, help="stack name: reads Pulumi.STACK.yaml")
-    render.add_argument("--out", required=True, type=Path, help="directory to write the files into")
+    render.add_argument(
+        "--out",
+        required=True,
+        type=Path,
+        help="directory to write into: OUT/NODE/ per node, OUT/kubernetes/ for manifests; "
+        "those subdirectories are replaced",
+    )
     render.add_argument(
         "--dir", type=Path, default=Path.cwd(), help="project directory (default: current)"
     )
@@ -88,7 +100,9 @@ def main(argv: list[str] | None = None) -> int:
 
     stack_file = args.dir / f"Pulumi.{args.stack}.yaml"
     if not stack_file.is_file():
-        log.error("stack file %s not found; name an existing stack with --stack", stack_file)
+        log.error(
+            "stack file %s not found or not a file; name an existing stack with --stack", stack_file
+        )
         return 2
     try:
         written = render_stack(stack_file, args.out)
@@ -99,8 +113,11 @@ def main(argv: list[str] | None = None) -> int:
         log.error("stack file %s is not valid YAML: %s", stack_file, error)
         return 1
     except ValueError as error:
-        # Raised for a file that is not UTF-8 or whose top level is not a mapping.
+        # Raised for a file that is not UTF-8, is not a mapping, or has a key without namespace.
         log.error("cannot read stack file %s: %s", stack_file, error)
+        return 1
+    except OSError as error:
+        log.error("cannot write the files to %s: %s", args.out, error)
         return 1
     log.info("wrote %d files for stack %s to %s", len(written), args.stack, args.out)
     return 0

@@ -233,9 +233,12 @@ def check_url(problems: Problems, key: str, value: Any, *, allow_path: bool = Tr
         parts = urlsplit(value)
         port = parts.port
     except ValueError as error:
-        problems.error(
-            key, value, f"invalid URL ({error})", "Write it as scheme://host[:port][/path]."
-        )
+        if "Port out of range" in str(error) or "Port could not be cast" in str(error):
+            problems.error(key, value, "port is out of range", "Use a port from 1 to 65535.")
+        else:
+            problems.error(
+                key, value, f"invalid URL ({error})", "Write it as scheme://host[:port][/path]."
+            )
         return None
     if parts.scheme not in ("http", "https"):
         problems.error(
@@ -243,11 +246,12 @@ def check_url(problems: Problems, key: str, value: Any, *, allow_path: bool = Tr
         )
         return None
     if parts.username is not None or parts.password is not None:
+        # The value is shown without its user information, which may hold a password.
         problems.error(
             key,
-            value,
+            f"{parts.scheme}://***@{parts.netloc.rpartition('@')[2]}{parts.path}",
             "URL contains credentials",
-            "Remove user:password@ from the URL; containerd does not read them there.",
+            "Remove user:password@ from the URL and set username and the password's secret key instead.",
         )
         return None
     if parts.query or parts.fragment:
@@ -356,7 +360,7 @@ def check_int(
         problems.error(
             key,
             value,
-            f"must be a whole {what}",
+            "must be a whole number",
             f"Write a number from {low} to {high} without quotes.",
         )
         return None

@@ -100,6 +100,7 @@ def test_render_kubernetes_masks_secret(tmp_path: Path) -> None:
     project = _write(tmp_path, document)
     out = tmp_path / "out"
     assert main(["render", "--stack", "test", "--out", str(out), "--dir", str(project)]) == 0
+    out = out / "kubernetes"
     kinds = [yaml.safe_load(p.read_text())["kind"] for p in sorted(out.iterdir())]
     assert "DaemonSet" in kinds
     assert "ConfigMap" in kinds
@@ -107,3 +108,43 @@ def test_render_kubernetes_masks_secret(tmp_path: Path) -> None:
     values = secret.get("stringData") or secret.get("data") or {}
     assert values
     assert set(values.values()) == {"[secret]"}
+
+
+def test_render_replaces_stale_files(tmp_path: Path) -> None:
+    project = _write(tmp_path, STACK)
+    stale = tmp_path / "out" / "worker-1" / "stale"
+    stale.parent.mkdir(parents=True)
+    stale.write_text("from an earlier render")
+    assert (
+        main(["render", "--stack", "test", "--out", str(tmp_path / "out"), "--dir", str(project)])
+        == 0
+    )
+    assert not stale.exists()
+
+
+def test_render_out_is_a_file(tmp_path: Path) -> None:
+    project = _write(tmp_path, STACK)
+    (tmp_path / "file").write_text("")
+    assert (
+        main(["render", "--stack", "test", "--out", str(tmp_path / "file"), "--dir", str(project)])
+        == 1
+    )
+
+
+def test_render_rejects_duplicate_keys(tmp_path: Path) -> None:
+    text = yaml.safe_dump(STACK) + "  nexus-mirror:nodes: []\n"
+    (tmp_path / "Pulumi.test.yaml").write_text(text)
+    assert (
+        main(["render", "--stack", "test", "--out", str(tmp_path / "out"), "--dir", str(tmp_path)])
+        == 1
+    )
+
+
+def test_render_rejects_key_without_namespace(tmp_path: Path) -> None:
+    document = yaml.safe_load(yaml.safe_dump(STACK))
+    document["config"]["nodes"] = document["config"].pop("nexus-mirror:nodes")
+    project = _write(tmp_path, document)
+    assert (
+        main(["render", "--stack", "test", "--out", str(tmp_path / "out"), "--dir", str(project)])
+        == 1
+    )

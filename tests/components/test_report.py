@@ -114,3 +114,19 @@ def test_warns_mirror_down() -> None:
     ]
     output = node_output(CONFIG, NODE, "", _hosts(mirrors=mirrors))
     assert any("answered nothing" in w for w in output["warnings"])
+
+
+def test_warns_when_containerd_silent() -> None:
+    output = node_output(CONFIG, NODE, "", _hosts(criPlugin=None))
+    assert any("did not respond" in w for w in output["warnings"])
+
+
+def test_warns_when_test_pull_failed() -> None:
+    verification = {
+        "image": "busybox",
+        "servedBy": None,
+        "ok": False,
+        "error": "ctr: failed to dial",
+    }
+    output = node_output(CONFIG, NODE, "", _hosts(verification=verification))
+    assert any("test pull of busybox failed: ctr: failed to dial" in w for w in output["warnings"])
