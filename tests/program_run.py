@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import runpy
 from collections.abc import Mapping
@@ -69,3 +70,18 @@ def run_program(
 
     program()
     return run
+
+
+def output_is_secret(output: Any) -> bool:
+    """Return whether a Pulumi output (or input) is marked secret, after the program ran."""
+    holder: dict[str, bool] = {}
+
+    @pulumi.runtime.test
+    def read() -> Any:
+        async def check() -> None:
+            holder["value"] = await pulumi.Output.from_input(output).is_secret()
+
+        return asyncio.ensure_future(check())
+
+    read()
+    return holder["value"]

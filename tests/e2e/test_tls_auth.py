@@ -27,7 +27,7 @@ from tests.e2e.cri import CriError, ImageServiceClient
 from tests.e2e.lab import IMAGE_REFERENCE, REPO_ROOT, Lab, cri_plugin_status, parse_lab_env
 from tests.e2e.replay import _SECRET_SIG, _SIG_KEY, COMMAND_TYPE, ReplayMocks
 from tests.e2e.stack import write_stack_file
-from tests.program_run import ProgramRun, run_program, stack_config
+from tests.program_run import ProgramRun, output_is_secret, run_program, stack_config
 
 TLS_SCRIPT = REPO_ROOT / "lab" / "tls.sh"
 USER = "puller"
@@ -233,22 +233,6 @@ def _without_secrets(value: Any) -> Any:
     if isinstance(value, list):
         return [_without_secrets(item) for item in value]
     return value
-
-
-def output_is_secret(output: Any) -> bool:
-    holder: dict[str, bool] = {}
-
-    @pulumi.runtime.test
-    def read() -> Any:
-        async def check() -> None:
-            holder["value"] = await pulumi.Output.from_input(output).is_secret()
-
-        import asyncio
-
-        return asyncio.ensure_future(check())
-
-    read()
-    return holder["value"]
 
 
 def assert_no_leak(stack: Stack, tls: Tls, applied: list[Apply], secrets: list[str]) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import threading
 import time
@@ -12,7 +11,7 @@ from typing import Any
 import pulumi
 import pytest
 
-from tests.program_run import ROOT, run_program, stack_config
+from tests.program_run import ROOT, output_is_secret, run_program, stack_config
 
 KEY = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----\n"
 DEV_STACK = ROOT / "Pulumi.dev.yaml"
@@ -100,20 +99,6 @@ def _resolve(output: pulumi.Output) -> Any:
     return holder["value"]
 
 
-def _is_secret(output: Any) -> bool:
-    holder: dict[str, bool] = {}
-
-    @pulumi.runtime.test
-    def read() -> Any:
-        async def check() -> None:
-            holder["value"] = await pulumi.Output.from_input(output).is_secret()
-
-        return asyncio.ensure_future(check())
-
-    read()
-    return holder["value"]
-
-
 def test_two_commands_per_node() -> None:
     mocks = RecordingMocks()
     _run(mocks)
@@ -193,20 +178,20 @@ def test_hosts_after_own_config() -> None:
 def test_private_key_is_secret() -> None:
     run = _run(RecordingMocks())
     connection = run.namespace["mirror"].commands["worker-1-hosts"].connection
-    assert _is_secret(connection) is True
+    assert output_is_secret(connection) is True
 
 
 def test_stdin_secret_only_with_secret_registries() -> None:
     run = _run(RecordingMocks())
     stdin = run.namespace["mirror"].commands["worker-1-hosts"].stdin
-    assert _is_secret(stdin) is False
+    assert output_is_secret(stdin) is False
     config, secret_names = stack_config(DEV_STACK, None, {"sshPrivateKey": KEY})
     secret_names.append("nexus-mirror:registries")
     secret_run = run_program(RecordingMocks(), config, secret_names)
     secret_stdin = secret_run.namespace["mirror"].commands["worker-1-hosts"].stdin
-    assert _is_secret(secret_stdin) is True
+    assert output_is_secret(secret_stdin) is True
     hosts_toml = secret_run.namespace["mirror"].hosts_toml
-    assert _is_secret(hosts_toml.apply(lambda files: files["docker.io"])) is True
+    assert output_is_secret(hosts_toml.apply(lambda files: files["docker.io"])) is True
 
 
 def test_outputs_per_node() -> None:

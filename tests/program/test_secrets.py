@@ -8,7 +8,6 @@ stack outputs or error messages.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import subprocess
@@ -19,7 +18,7 @@ import pulumi
 import pytest
 import yaml
 
-from tests.program_run import ROOT, ProgramRun, run_program, stack_config
+from tests.program_run import ROOT, ProgramRun, output_is_secret, run_program, stack_config
 
 # How Pulumi's RPC layer marks a secret value; the mocks receive inputs in that form.
 SIG_KEY = "4dabf18193072939515e22adb298388d"
@@ -114,20 +113,6 @@ def _run(
     return run_program(mocks, config, secret_names, preview=preview)
 
 
-def _is_secret(output: Any) -> bool:
-    holder: dict[str, bool] = {}
-
-    @pulumi.runtime.test
-    def read() -> Any:
-        async def check() -> None:
-            holder["value"] = await pulumi.Output.from_input(output).is_secret()
-
-        return asyncio.ensure_future(check())
-
-    read()
-    return holder["value"]
-
-
 @pytest.fixture
 def captured(caplog: pytest.LogCaptureFixture, capfd: pytest.CaptureFixture[str]) -> Any:
     """Return a function that gives everything the program logged or printed so far."""
@@ -164,7 +149,7 @@ def test_hosts_stdin_is_secret_with_secret_registries() -> None:
         assert _is_secret_marked(mocks.inputs[f"{node}-hosts"]["stdin"]), node
         # The config command's input contains no registry value, so it stays readable in diffs.
         assert not _is_secret_marked(mocks.inputs[f"{node}-config"]["stdin"]), node
-        assert _is_secret(run.namespace["mirror"].commands[f"{node}-hosts"].stdin) is True
+        assert output_is_secret(run.namespace["mirror"].commands[f"{node}-hosts"].stdin) is True
     stdin = mocks.inputs["worker-1-hosts"]["stdin"]["value"]
     assert all(value in stdin for value in HEADER_VALUES)
 
@@ -199,7 +184,7 @@ def test_outputs_hold_no_plain_secret() -> None:
     run = _run(RecordingMocks())
     assert _leaks(json.dumps(run.outputs["nodes"])) == []
     hosts_toml = run.namespace["mirror"].hosts_toml
-    assert _is_secret(hosts_toml.apply(lambda files: files["docker.io"])) is True
+    assert output_is_secret(hosts_toml.apply(lambda files: files["docker.io"])) is True
     assert all(value in run.outputs["hostsToml"]["docker.io"] for value in HEADER_VALUES)
 
 
