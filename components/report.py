@@ -59,28 +59,33 @@ def node_warnings(config: MirrorConfig, node: Node, report: dict[str, Any]) -> l
             "pulls bypass them; set nexus-mirror:containerd.configPath to containerd's value "
             "or let nexus-mirror manage config.toml."
         )
+
     if report and report.get("criPlugin") is None:
         warnings.append(
             f"containerd did not respond on {node.containerd.address}, so nothing proves it reads "
             "the mirrors; check nexus-mirror:containerd.address and that containerd runs."
         )
+
     verification = report.get("verification")
     if isinstance(verification, dict) and verification.get("ok") is False:
         warnings.append(
             f"the test pull of {verification.get('image')} failed: {verification.get('error')}"
         )
+
     version = _version(report.get("containerdVersion"))
     if version is not None and version < (1, 6, 17):
         if any(namespace.name == "_default" for namespace in config.namespaces):
             warnings.append(
                 f"containerd {report['containerdVersion']} ignores _default (read from 1.6.17 on)."
             )
+
     for mirror in report.get("mirrors", []):
         if isinstance(mirror, dict) and mirror.get("up") is False:
             warnings.append(
                 f"mirror {mirror.get('url')} for {mirror.get('namespace')} answered "
                 f"{mirror.get('status') or 'nothing'} to GET /v2/ from the node."
             )
+
     return warnings
 
 
