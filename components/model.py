@@ -19,7 +19,7 @@ class Credentials:
     username: str
     password: str = field(repr=False)
     auth: str = "header"
-    """How containerd gets them: ``header`` (hosts.toml) or ``config`` (config.toml)."""
+    """Delivery of the credentials to containerd: ``header`` (hosts.toml) or ``config`` (config.toml)."""
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class Host:
     override_path: bool = False
     ca: tuple[str, ...] = ()
     client: tuple[tuple[str, str], ...] = ()
-    """Client certificates as (cert, key) pairs; an empty key means one file holds both."""
+    """Client certificates as (cert, key) pairs; an empty key means one file contains both."""
     skip_verify: bool = False
     headers: tuple[tuple[str, tuple[str, ...]], ...] = ()
     credentials: Credentials | None = None
@@ -157,7 +157,7 @@ class ResourceQuantities:
 
 @dataclass(frozen=True)
 class KubernetesVerify:
-    """Where the verification pods run: the named nodes, or a sample of distinct nodes."""
+    """Placement of the verification pods: the named nodes, or a sample of distinct nodes."""
 
     nodes: tuple[str, ...] = ()
     sample: int = 3

@@ -51,6 +51,22 @@ def reveal(value: Any) -> Any:
     return value
 
 
+def is_marked_secret(value: Any) -> bool:
+    """Return whether an input value, as the mocks receive it, is a secret."""
+    return isinstance(value, dict) and value.get(_SIG_KEY) == _SECRET_SIG
+
+
+def mask_secrets(value: Any) -> Any:
+    """Return ``value`` with every secret replaced by a placeholder, as a preview shows it."""
+    if is_marked_secret(value):
+        return "[secret]"
+    if isinstance(value, dict):
+        return {key: mask_secrets(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [mask_secrets(item) for item in value]
+    return value
+
+
 class CommandFailed(Exception):
     """Raised when a replayed command exits non-zero, as pulumi-command fails the resource."""
 

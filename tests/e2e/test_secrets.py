@@ -26,7 +26,13 @@ from tests.e2e.ca import self_signed_pem
 from tests.e2e.conftest import Stack
 from tests.e2e.cri import ImageServiceClient
 from tests.e2e.lab import IMAGE_REFERENCE, Lab, mirror_log
-from tests.e2e.replay import _SECRET_SIG, _SIG_KEY, COMMAND_TYPE, CommandFailed, ReplayMocks
+from tests.e2e.replay import (
+    COMMAND_TYPE,
+    CommandFailed,
+    ReplayMocks,
+    is_marked_secret,
+    mask_secrets,
+)
 from tests.e2e.stack import write_stack_file
 from tests.program_run import ProgramRun, run_program, stack_config
 
@@ -46,21 +52,6 @@ class RecordingReplay(ReplayMocks):
         if args.typ == COMMAND_TYPE:
             self.raw_inputs[args.name] = dict(args.inputs)
         return super().new_resource(args)
-
-
-def _marked(value: Any) -> bool:
-    return isinstance(value, dict) and value.get(_SIG_KEY) == _SECRET_SIG
-
-
-def _plain(value: Any) -> Any:
-    """Return ``value`` with every secret replaced by a placeholder, as a preview shows it."""
-    if _marked(value):
-        return "[secret]"
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_plain(item) for item in value]
-    return value
 
 
 def _encrypted_key(lab: Lab, directory: Path) -> str:
@@ -178,10 +169,10 @@ def test_secrets_stay_out_of_everything_emitted(
     # What the engine stores, shows in a preview and logs.
     assert set(mocks.raw_inputs) == {"node-a-config", "node-a-hosts"}
     for name, inputs in mocks.raw_inputs.items():
-        plain = json.dumps(_plain(inputs))
+        plain = json.dumps(mask_secrets(inputs))
         assert [s for s in secrets if s in plain] == [], name
-        assert _marked(inputs["connection"]), name
-    assert _marked(mocks.raw_inputs["node-a-hosts"]["stdin"])
+        assert is_marked_secret(inputs["connection"]), name
+    assert is_marked_secret(mocks.raw_inputs["node-a-hosts"]["stdin"])
     assert [s for s in secrets if s in json.dumps(run.outputs["nodes"])] == []
     hosts_output = run.namespace["mirror"].hosts_toml.apply(lambda files: files["docker.io"])
     assert _is_secret(hosts_output)

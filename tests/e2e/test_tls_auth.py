@@ -25,7 +25,7 @@ import pytest
 from tests.e2e.conftest import Stack
 from tests.e2e.cri import CriError, ImageServiceClient
 from tests.e2e.lab import IMAGE_REFERENCE, REPO_ROOT, Lab, cri_plugin_status, parse_lab_env
-from tests.e2e.replay import _SECRET_SIG, _SIG_KEY, COMMAND_TYPE, ReplayMocks
+from tests.e2e.replay import COMMAND_TYPE, ReplayMocks, is_marked_secret, mask_secrets
 from tests.e2e.stack import write_stack_file
 from tests.program_run import ProgramRun, output_is_secret, run_program, stack_config
 
@@ -220,21 +220,6 @@ def needles(*passwords: str, key_pem: str | None = None) -> list[str]:
     return sorted(set(found))
 
 
-def _is_secret(value: Any) -> bool:
-    return isinstance(value, dict) and value.get(_SIG_KEY) == _SECRET_SIG
-
-
-def _without_secrets(value: Any) -> Any:
-    """Replace every secret the engine would encrypt by a placeholder."""
-    if _is_secret(value):
-        return "[secret]"
-    if isinstance(value, dict):
-        return {key: _without_secrets(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_without_secrets(item) for item in value]
-    return value
-
-
 def assert_no_leak(stack: Stack, tls: Tls, applied: list[Apply], secrets: list[str]) -> None:
     """Search everything outside secrets and 0600 files for every form of the credentials."""
     # What the replay recorded: commands, their output and the stored state.
@@ -252,7 +237,7 @@ def assert_no_leak(stack: Stack, tls: Tls, applied: list[Apply], secrets: list[s
         )
         for name, inputs in apply.raw_inputs.items():
             places[f"apply {number} stored inputs of {name}"] = json.dumps(
-                _without_secrets(inputs), ensure_ascii=False
+                mask_secrets(inputs), ensure_ascii=False
             )
         mirror = apply.run.namespace["mirror"]
         if any(secret in json.dumps(apply.run.outputs["hostsToml"]) for secret in secrets):
@@ -314,9 +299,9 @@ def test_header_auth_pulls_and_keeps_secrets(stack: Stack, lab: Lab, tls: Tls) -
     # The hosts command's input contains the header, so the engine stores it
     # encrypted. The config command's input contains no credential and stays readable.
     hosts_stdin = applied.raw_inputs["node-a-hosts"]["stdin"]
-    assert _is_secret(hosts_stdin)
+    assert is_marked_secret(hosts_stdin)
     assert any(needle in hosts_stdin["value"] for needle in needles(PASSWORD))
-    assert not _is_secret(applied.raw_inputs["node-a-config"]["stdin"])
+    assert not is_marked_secret(applied.raw_inputs["node-a-config"]["stdin"])
     assert "delete" not in applied.raw_inputs["node-a-config"]
     assert_no_leak(stack, tls, [applied], needles(PASSWORD))
 
@@ -382,7 +367,7 @@ def test_config_auth_restarts_once_per_password(stack: Stack, lab: Lab, tls: Tls
     assert first.report["verification"]["ok"] is True, first.report["verification"]
     assert first.report["mirrors"][0]["credentials"] == "accepted"
     config_inputs = first.raw_inputs["node-a-config"]
-    assert _is_secret(config_inputs["stdin"])
+    assert is_marked_secret(config_inputs["stdin"])
     assert config_inputs["delete"] == "sh -s -- config-delete"
     pull(lab)
 

@@ -18,11 +18,9 @@ import pulumi
 import pytest
 import yaml
 
+from tests.e2e.replay import is_marked_secret, mask_secrets
 from tests.program_run import ROOT, ProgramRun, output_is_secret, run_program, stack_config
 
-# How Pulumi's RPC layer marks a secret value; the mocks receive inputs in that form.
-SIG_KEY = "4dabf18193072939515e22adb298388d"
-SECRET_SIG = "1b47061264138c4ac30d75fd1eb44270"
 DEV_STACK = ROOT / "Pulumi.dev.yaml"
 KEY = (
     "-----BEGIN OPENSSH PRIVATE KEY-----\n"
@@ -76,21 +74,6 @@ class RecordingMocks(pulumi.runtime.Mocks):
         return {}
 
 
-def _is_secret_marked(value: Any) -> bool:
-    return isinstance(value, dict) and value.get(SIG_KEY) == SECRET_SIG
-
-
-def _plain(value: Any) -> Any:
-    """Return ``value`` with every secret replaced by a placeholder, as a preview shows it."""
-    if _is_secret_marked(value):
-        return "[secret]"
-    if isinstance(value, dict):
-        return {key: _plain(item) for key, item in value.items()}
-    if isinstance(value, list):
-        return [_plain(item) for item in value]
-    return value
-
-
 def _leaks(text: str) -> list[str]:
     return [secret for secret in SECRETS if secret in text]
 
@@ -132,23 +115,23 @@ def test_secrets_only_in_secret_inputs(preview: bool) -> None:
     commands = {name: inputs for name, inputs in mocks.inputs.items() if "create" in inputs}
     assert len(commands) == 6
     for name, inputs in commands.items():
-        assert _leaks(json.dumps(_plain(inputs))) == [], name
+        assert _leaks(json.dumps(mask_secrets(inputs))) == [], name
         for operation in ("create", "update", "delete"):
             assert _leaks(str(inputs.get(operation, ""))) == [], (name, operation)
         connection = inputs["connection"]
-        marked = connection if _is_secret_marked(connection) else None
+        marked = connection if is_marked_secret(connection) else None
         if marked is None:
-            assert _is_secret_marked(connection["privateKey"]), name
-            assert _is_secret_marked(connection["privateKeyPassword"]), name
+            assert is_marked_secret(connection["privateKey"]), name
+            assert is_marked_secret(connection["privateKeyPassword"]), name
 
 
 def test_hosts_stdin_is_secret_with_secret_registries() -> None:
     mocks = RecordingMocks()
     run = _run(mocks)
     for node in ("control-1", "worker-1", "worker-2"):
-        assert _is_secret_marked(mocks.inputs[f"{node}-hosts"]["stdin"]), node
+        assert is_marked_secret(mocks.inputs[f"{node}-hosts"]["stdin"]), node
         # The config command's input contains no registry value, so it stays readable in diffs.
-        assert not _is_secret_marked(mocks.inputs[f"{node}-config"]["stdin"]), node
+        assert not is_marked_secret(mocks.inputs[f"{node}-config"]["stdin"]), node
         assert output_is_secret(run.namespace["mirror"].commands[f"{node}-hosts"].stdin) is True
     stdin = mocks.inputs["worker-1-hosts"]["stdin"]["value"]
     assert all(value in stdin for value in HEADER_VALUES)
@@ -168,8 +151,8 @@ def test_hosts_stdin_is_secret_with_secret_containerd() -> None:
         },
     )
     run_program(mocks, config, secret_names)
-    assert _is_secret_marked(mocks.inputs["worker-1-config"]["stdin"])
-    assert _is_secret_marked(mocks.inputs["worker-1-hosts"]["stdin"])
+    assert is_marked_secret(mocks.inputs["worker-1-config"]["stdin"])
+    assert is_marked_secret(mocks.inputs["worker-1-hosts"]["stdin"])
 
 
 def test_secret_header_files_are_private() -> None:
@@ -249,7 +232,7 @@ def test_pinned_host_keys_give_no_warning(captured: Any) -> None:
     _run(mocks, overrides={"nodes": nodes})
     assert "host keys are not verified" not in captured()
     connection = mocks.inputs["worker-1-hosts"]["connection"]
-    connection = connection["value"] if _is_secret_marked(connection) else connection
+    connection = connection["value"] if is_marked_secret(connection) else connection
     assert connection["hostKey"] == host_key
 
 
