@@ -324,31 +324,31 @@ nm_redact() {
         }
         return j
     }
+    # Return s up to index i, past the separators there, with the value that
+    # follows replaced by <redacted>. The text after the value goes to rest.
+    function redact_at(s, i,    c, j, q) {
+        q = ""
+        while (i <= length(s) && index(sep, c = substr(s, i, 1))) {
+            if (c == "\"" || c == "\047") q = c
+            i++
+        }
+        j = value_end(s, i, q)
+        rest = substr(s, j)
+        return substr(s, 1, i - 1) (j > i ? "<redacted>" : "")
+    }
     {
         s = $0
         out = ""
         while (match(tolower(s), /request\.header\.[!#$%&*+.^_`|~0-9a-z-]+/)) {
-            i = RSTART + RLENGTH; q = ""
-            while (i <= length(s) && index(sep, c = substr(s, i, 1))) {
-                if (c == "\"" || c == "\047") q = c
-                i++
-            }
-            j = value_end(s, i, q)
-            out = out substr(s, 1, i - 1) (j > i ? "<redacted>" : "")
-            s = substr(s, j)
+            out = out redact_at(s, RSTART + RLENGTH)
+            s = rest
         }
         s = out s
         for (k = 1; k <= nk; k++) {
             out = ""
             while ((p = index(tolower(s), keys[k])) > 0) {
-                i = p + length(keys[k]); q = ""
-                while (i <= length(s) && index(sep, c = substr(s, i, 1))) {
-                    if (c == "\"" || c == "\047") q = c
-                    i++
-                }
-                j = value_end(s, i, q)
-                out = out substr(s, 1, i - 1) (j > i ? "<redacted>" : "")
-                s = substr(s, j)
+                out = out redact_at(s, p + length(keys[k]))
+                s = rest
             }
             s = out s
         }
@@ -1292,7 +1292,7 @@ nm_verify_file() {
     cat >"$NM_STAGE/verify/$1/hosts.toml"
 }
 
-# Print the note for a failed test pull about mirrors that answered 401 or
+# Print the note for a failed test pull about mirrors that returned 401 or
 # 403 ("denied" lines of the ctr facts file $1), or nothing.
 nm_verify_denied_note() {
     _vd_hosts=$(awk -F '\t' '$1 == "denied" { printf "%s%s", sep, $2; sep = ", " }' "$1")

@@ -22,8 +22,12 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import pytest
 
 from tests.e2e.lab import NODE_SCRIPT, Lab, Node, cri_plugin_status
+from tests.e2e.replay import CommandFailed
 
 # Part of the name of every temporary file that the node script creates.
 TEMPORARY_MARK = ".nexus-mirror."
@@ -37,6 +41,25 @@ class NodeSnapshot:
     config: bytes
     hosts: dict[str, bytes]
     containerd_pid: int
+
+
+# Fault tests give containerd this many seconds to restart, so a failure shows quickly.
+RESTART_TIMEOUT = 5
+
+
+def fault_config(stack: Any, nodes: list[str] | None = None) -> dict:
+    """Return the lab stack config with the short restart timeout on every node."""
+    config = stack.config(nodes, rollout={"maxParallelRestarts": 2})
+    for node in config["nodes"]:
+        node["containerd"]["restartTimeout"] = RESTART_TIMEOUT
+    return config
+
+
+def failed_apply_line(stack: Any, config: dict, node: str = "node-a") -> str:
+    """Apply ``config``, expect the apply to fail, and return the node script's error line."""
+    with pytest.raises(CommandFailed) as failure:
+        stack.up(config)
+    return error_line(str(failure.value), node)
 
 
 def tree(directory: Path) -> dict[str, bytes]:
@@ -170,7 +193,7 @@ def containerd_requests(lines: list[str], repository: str) -> list[str]:
 
 
 class _StubHandler(http.server.BaseHTTPRequestHandler):
-    """Answers every request as the server's ``mode`` says."""
+    """Respond to every request as the server's ``mode`` says."""
 
     server: _StubServer
 
@@ -237,7 +260,7 @@ class StubRegistry:
 def stub_registry(mode: str) -> Iterator[StubRegistry]:
     """Run a stand-in mirror for the with block.
 
-    MODE is ``registry`` (``GET /v2/`` answers 200 with the registry API
+    MODE is ``registry`` (``GET /v2/`` returns 200 with the registry API
     header, everything else 404), ``error`` (500 for every request) or
     ``html`` (200 with an HTML login page for every request).
     """

@@ -20,8 +20,10 @@ import pytest
 
 from tests.e2e.conftest import Stack
 from tests.e2e.faults import (
+    RESTART_TIMEOUT,
     assert_unchanged,
     error_line,
+    fault_config,
     free_port,
     parent_pid,
     process_exists,
@@ -33,15 +35,6 @@ from tests.e2e.faults import (
 )
 from tests.e2e.lab import Lab, cri_plugin_status
 from tests.e2e.replay import CommandFailed
-
-RESTART_TIMEOUT = 5
-
-
-def _config(stack: Stack, nodes: list[str] | None = None) -> dict:
-    config = stack.config(nodes, rollout={"maxParallelRestarts": 2})
-    for node in config["nodes"]:
-        node["containerd"]["restartTimeout"] = RESTART_TIMEOUT
-    return config
 
 
 def _assert_converged(stack: Stack, lab: Lab, config: dict, names: list[str]) -> None:
@@ -72,7 +65,7 @@ def _other_node_finished(stack: Stack) -> None:
 def test_nothing_listening_changes_nothing(stack: Stack, lab: Lab) -> None:
     node = lab.node("node-a")
     before = snapshot(node)
-    config = _config(stack, ["node-a", "node-b"])
+    config = fault_config(stack, ["node-a", "node-b"])
     config["nodes"][0]["port"] = free_port()
 
     message = _fail(stack, config)
@@ -91,7 +84,7 @@ def test_wrong_host_key_changes_nothing(stack: Stack, lab: Lab, tmp_path: Path) 
     before = snapshot(node)
     key = tmp_path / "other_host_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
-    config = _config(stack)
+    config = fault_config(stack)
     right_key = config["nodes"][0]["hostKey"]
     config["nodes"][0]["hostKey"] = " ".join(key.with_suffix(".pub").read_text().split()[:2])
 
@@ -111,19 +104,19 @@ def test_refused_login_changes_nothing(stack: Stack, lab: Lab, tmp_path: Path) -
     key = tmp_path / "unknown_key"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True)
 
-    message = _fail(stack, _config(stack), private_key=key.read_text())
+    message = _fail(stack, fault_config(stack), private_key=key.read_text())
 
     assert message.startswith("node-a-config: exit status 255")
     assert "Permission denied (publickey)" in message
     assert_unchanged(node, before)
     assert state_files(node) == []
-    _assert_converged(stack, lab, _config(stack), ["node-a"])
+    _assert_converged(stack, lab, fault_config(stack), ["node-a"])
 
 
 def test_dropped_connection_finishes_change(stack: Stack, lab: Lab, tmp_path: Path) -> None:
     node = lab.node("node-a")
     marker = tmp_path / "restart-started"
-    config = _config(stack)
+    config = fault_config(stack)
     # The restart pauses so that the connection drops while the script runs.
     config["nodes"][0]["containerd"]["restartCommand"] = (
         f"touch {marker}; sleep 1; {node.restart_command}"
@@ -197,7 +190,7 @@ def _allow_sudo(name: str) -> None:
 def test_sudo_password_required(stack: Stack, lab: Lab, lab_user: str) -> None:
     node = lab.node("node-a")
     before = snapshot(node)
-    config = _config(stack)
+    config = fault_config(stack)
     config["ssh"] = {"user": lab_user}
 
     message = _fail(stack, config)

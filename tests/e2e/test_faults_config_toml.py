@@ -9,33 +9,17 @@ from __future__ import annotations
 
 import stat
 
-import pytest
-
 from tests.e2e.conftest import Stack
 from tests.e2e.faults import (
     assert_unchanged,
-    error_line,
+    failed_apply_line,
+    fault_config,
     read_only,
     runs_current_config,
     snapshot,
     state_files,
 )
 from tests.e2e.lab import Lab, cri_plugin_status
-from tests.e2e.replay import CommandFailed
-
-RESTART_TIMEOUT = 5
-
-
-def _config(stack: Stack) -> dict:
-    config = stack.config()
-    config["nodes"][0]["containerd"]["restartTimeout"] = RESTART_TIMEOUT
-    return config
-
-
-def _fail(stack: Stack, config: dict) -> str:
-    with pytest.raises(CommandFailed) as failure:
-        stack.up(config)
-    return error_line(str(failure.value), "node-a")
 
 
 def _assert_converged(stack: Stack, lab: Lab, config: dict) -> None:
@@ -55,7 +39,7 @@ def test_invalid_toml_left_alone(stack: Stack, lab: Lab) -> None:
     node.config.write_text(pristine + '\n[plugins."io.containerd.grpc.v1.cri"\n  x = 1\n')
     before = snapshot(node)
 
-    line = _fail(stack, _config(stack))
+    line = failed_apply_line(stack, fault_config(stack))
 
     assert line.startswith(
         "nexus-mirror: node node-a: check config.toml: containerd cannot load config.toml"
@@ -63,7 +47,7 @@ def test_invalid_toml_left_alone(stack: Stack, lab: Lab) -> None:
     assert line.endswith("config.toml was not changed")
     assert_unchanged(node, before)
     node.config.write_text(pristine)
-    _assert_converged(stack, lab, _config(stack))
+    _assert_converged(stack, lab, fault_config(stack))
 
 
 def test_symlink_config_left_alone(stack: Stack, lab: Lab) -> None:
@@ -74,7 +58,7 @@ def test_symlink_config_left_alone(stack: Stack, lab: Lab) -> None:
     try:
         before = snapshot(node)
 
-        line = _fail(stack, _config(stack))
+        line = failed_apply_line(stack, fault_config(stack))
 
         assert line == (
             f"nexus-mirror: node node-a: read config.toml: {node.config} is a symbolic link. "
@@ -82,7 +66,7 @@ def test_symlink_config_left_alone(stack: Stack, lab: Lab) -> None:
         )
         assert node.config.is_symlink()
         assert_unchanged(node, before)
-        config = _config(stack)
+        config = fault_config(stack)
         config["nodes"][0]["containerd"]["configFile"] = str(real)
         report = stack.up(config).outputs["nodes"]["node-a"]
         assert report["criPlugin"] == "ok"
@@ -98,7 +82,7 @@ def test_read_only_config_left_alone(stack: Stack, lab: Lab) -> None:
     node = lab.node("node-a")
     before = snapshot(node)
     with read_only(node.config):
-        line = _fail(stack, _config(stack))
+        line = failed_apply_line(stack, fault_config(stack))
 
         assert line.startswith(
             f"nexus-mirror: node node-a: write config.toml: cannot replace {node.config}"
@@ -108,14 +92,14 @@ def test_read_only_config_left_alone(stack: Stack, lab: Lab) -> None:
         assert_unchanged(node, before)
         assert "restart-pending" not in state_files(node)
         assert not list(node.dir.glob(".config.toml.nexus-mirror.*"))
-    _assert_converged(stack, lab, _config(stack))
+    _assert_converged(stack, lab, fault_config(stack))
 
 
 def test_read_only_mode_is_kept(stack: Stack, lab: Lab) -> None:
     """Mode 0444 does not stop root: the new file replaces it and keeps the mode."""
     node = lab.node("node-a")
     node.config.chmod(0o444)
-    _assert_converged(stack, lab, _config(stack))
+    _assert_converged(stack, lab, fault_config(stack))
     assert stat.S_IMODE(node.config.stat().st_mode) == 0o444
 
 
@@ -138,7 +122,7 @@ def test_edit_that_breaks_cri_at_restart(stack: Stack, lab: Lab) -> None:
     assert edited != pristine
     node.config.write_text(edited)
 
-    line = _fail(stack, _config(stack))
+    line = failed_apply_line(stack, fault_config(stack))
 
     assert line.startswith(
         "nexus-mirror: node node-a: roll back config.toml: the CRI plugin reports 'error'"
@@ -148,4 +132,4 @@ def test_edit_that_breaks_cri_at_restart(stack: Stack, lab: Lab) -> None:
     assert node.config.read_text() == edited
     assert cri_plugin_status(node) == "error"
     node.config.write_text(pristine)
-    _assert_converged(stack, lab, _config(stack))
+    _assert_converged(stack, lab, fault_config(stack))

@@ -20,9 +20,11 @@ import pytest
 
 from tests.e2e.conftest import Stack
 from tests.e2e.faults import (
+    RESTART_TIMEOUT,
     assert_unchanged,
     containerd_pid,
-    error_line,
+    failed_apply_line,
+    fault_config,
     free_port,
     once,
     runs_current_config,
@@ -33,22 +35,6 @@ from tests.e2e.faults import (
     wait_until,
 )
 from tests.e2e.lab import Lab, cri_plugin_status
-from tests.e2e.replay import CommandFailed
-
-RESTART_TIMEOUT = 5
-
-
-def _config(stack: Stack, nodes: list[str] | None = None) -> dict:
-    config = stack.config(nodes, rollout={"maxParallelRestarts": 2})
-    for node in config["nodes"]:
-        node["containerd"]["restartTimeout"] = RESTART_TIMEOUT
-    return config
-
-
-def _fail(stack: Stack, config: dict) -> str:
-    with pytest.raises(CommandFailed) as failure:
-        stack.up(config)
-    return error_line(str(failure.value), "node-a")
 
 
 def _assert_converged(stack: Stack, lab: Lab, config: dict) -> dict:
@@ -79,10 +65,10 @@ def test_bin_dir_without_containerd(stack: Stack, lab: Lab, tmp_path: Path) -> N
     before = snapshot(node)
     empty = tmp_path / "bin"
     empty.mkdir()
-    config = _config(stack)
+    config = fault_config(stack)
     config["nodes"][0]["containerd"]["binDir"] = str(empty)
 
-    line = _fail(stack, config)
+    line = failed_apply_line(stack, config)
 
     assert line.startswith(
         f"nexus-mirror: node node-a: find containerd: {empty}/containerd is not an executable file"
@@ -146,10 +132,10 @@ def sshd_without_containerd(lab: Lab, tmp_path: Path) -> Iterator[int]:
 def test_containerd_not_installed(stack: Stack, lab: Lab, sshd_without_containerd: int) -> None:
     node = lab.node("node-a")
     before = snapshot(node)
-    config = _config(stack)
+    config = fault_config(stack)
     config["nodes"][0]["port"] = sshd_without_containerd
 
-    line = _fail(stack, config)
+    line = failed_apply_line(stack, config)
 
     assert line.startswith("nexus-mirror: node node-a: find containerd: containerd is not on PATH")
     assert "Install containerd" in line
@@ -163,7 +149,7 @@ def test_containerd_not_running(stack: Stack, lab: Lab) -> None:
     before_config = node.config.read_bytes()
     stop_containerd(node)
     try:
-        line = _fail(stack, _config(stack))
+        line = failed_apply_line(stack, fault_config(stack))
     finally:
         start_containerd(node)
 
@@ -173,16 +159,16 @@ def test_containerd_not_running(stack: Stack, lab: Lab) -> None:
     assert line.endswith("config.toml was not changed")
     assert node.config.read_bytes() == before_config
     assert state_files(node) == ["lock"]
-    _assert_converged(stack, lab, _config(stack))
+    _assert_converged(stack, lab, fault_config(stack))
 
 
 def test_containerd_stopped_mirror_change(stack: Stack, lab: Lab) -> None:
     """A mirror-only change needs no containerd: the files wait for its start."""
     node = lab.node("node-a")
-    stack.up(_config(stack))
+    stack.up(fault_config(stack))
     stop_containerd(node)
     try:
-        config = _config(stack)
+        config = fault_config(stack)
         config["registries"]["quay.io"] = {"nexus": {"port": lab.mirror_port}}
         report = stack.up(config).outputs["nodes"]["node-a"]
     finally:
@@ -196,18 +182,18 @@ def test_containerd_stopped_mirror_change(stack: Stack, lab: Lab) -> None:
 def test_socket_elsewhere(stack: Stack, lab: Lab, tmp_path: Path) -> None:
     node = lab.node("node-a")
     before = snapshot(node)
-    config = _config(stack)
+    config = fault_config(stack)
     wrong = tmp_path / "containerd.sock"
     config["nodes"][0]["containerd"]["address"] = str(wrong)
 
-    line = _fail(stack, config)
+    line = failed_apply_line(stack, config)
 
     assert line.startswith(
         f"nexus-mirror: node node-a: check containerd: containerd does not respond on {wrong}"
     )
     assert "nexus-mirror:containerd.address" in line
     assert_unchanged(node, before)
-    _assert_converged(stack, lab, _config(stack))
+    _assert_converged(stack, lab, fault_config(stack))
 
 
 # --- the restart command ---------------------------------------------------------
@@ -217,10 +203,10 @@ def test_restart_command_fails(stack: Stack, lab: Lab) -> None:
     node = lab.node("node-a")
     before = node.config.read_bytes()
     pid = containerd_pid(node)
-    config = _config(stack)
+    config = fault_config(stack)
     config["nodes"][0]["containerd"]["restartCommand"] = "echo 'unit not found' >&2; exit 5"
 
-    line = _fail(stack, config)
+    line = failed_apply_line(stack, config)
 
     assert line.startswith(
         "nexus-mirror: node node-a: restart containerd: the restart command failed with exit status 5"
@@ -228,17 +214,17 @@ def test_restart_command_fails(stack: Stack, lab: Lab) -> None:
     assert "containerd, which was not restarted, still runs the previous configuration" in line
     _assert_rolled_back(lab, before)
     assert containerd_pid(node) == pid
-    _assert_converged(stack, lab, _config(stack))
+    _assert_converged(stack, lab, fault_config(stack))
 
 
 def test_restart_fails_after_restarting(stack: Stack, lab: Lab) -> None:
     """A restart command that restarts containerd but exits 1, both times."""
     node = lab.node("node-a")
     before = node.config.read_bytes()
-    config = _config(stack)
+    config = fault_config(stack)
     config["nodes"][0]["containerd"]["restartCommand"] = f"{node.restart_command}; exit 1"
 
-    line = _fail(stack, config)
+    line = failed_apply_line(stack, config)
 
     assert line.startswith(
         "nexus-mirror: node node-a: restart containerd: the restart command failed"
@@ -246,7 +232,7 @@ def test_restart_fails_after_restarting(stack: Stack, lab: Lab) -> None:
     assert "containerd restarted with the restored file and the CRI plugin is ok" in line
     _assert_rolled_back(lab, before)
     assert runs_current_config(node)
-    _assert_converged(stack, lab, _config(stack))
+    _assert_converged(stack, lab, fault_config(stack))
 
 
 def test_restart_hangs_ignoring_sigterm(stack: Stack, lab: Lab, tmp_path: Path) -> None:
@@ -254,13 +240,13 @@ def test_restart_hangs_ignoring_sigterm(stack: Stack, lab: Lab, tmp_path: Path) 
     before = node.config.read_bytes()
     flag = tmp_path / "hang-once"
     flag.touch()
-    config = _config(stack, ["node-a", "node-b"])
+    config = fault_config(stack, ["node-a", "node-b"])
     config["nodes"][0]["containerd"]["restartCommand"] = once(
         flag, "trap '' TERM; sleep 60", node.restart_command
     )
     started = time.monotonic()
 
-    line = _fail(stack, config)
+    line = failed_apply_line(stack, config)
 
     elapsed = time.monotonic() - started
     assert line.startswith(
@@ -276,14 +262,14 @@ def test_restart_hangs_ignoring_sigterm(stack: Stack, lab: Lab, tmp_path: Path) 
     [other] = stack.executions("create", "node-b-config")
     assert other.returncode == 0
     assert other.finished - other.started < RESTART_TIMEOUT
-    _assert_converged(stack, lab, _config(stack, ["node-a", "node-b"]))
+    _assert_converged(stack, lab, fault_config(stack, ["node-a", "node-b"]))
 
 
 def test_restart_leaves_output_open(stack: Stack, lab: Lab, tmp_path: Path) -> None:
     """A process that the restart command leaves behind with its output open."""
     node = lab.node("node-a")
     pid_file = tmp_path / "lingering.pid"
-    config = _config(stack)
+    config = fault_config(stack)
     config["nodes"][0]["containerd"]["restartCommand"] = (
         f"sleep 30 & echo $! > {pid_file}; {node.restart_command}"
     )
@@ -303,11 +289,11 @@ def test_restart_exits_zero_with_cri_down(stack: Stack, lab: Lab, tmp_path: Path
     before = node.config.read_bytes()
     flag = tmp_path / "stop-once"
     flag.touch()
-    config = _config(stack)
+    config = fault_config(stack)
     stop = f"sh {lab.env['NODE_SCRIPT']} stop {node.dir}"
     config["nodes"][0]["containerd"]["restartCommand"] = once(flag, stop, node.restart_command)
 
-    line = _fail(stack, config)
+    line = failed_apply_line(stack, config)
 
     assert line.startswith(
         f"nexus-mirror: node node-a: wait for CRI: containerd did not respond on {node.socket} "
@@ -315,17 +301,17 @@ def test_restart_exits_zero_with_cri_down(stack: Stack, lab: Lab, tmp_path: Path
     )
     assert "after the restart command ran again the CRI plugin is ok" in line
     _assert_rolled_back(lab, before)
-    _assert_converged(stack, lab, _config(stack))
+    _assert_converged(stack, lab, fault_config(stack))
 
 
 def test_restart_command_does_nothing(stack: Stack, lab: Lab) -> None:
     node = lab.node("node-a")
     before = node.config.read_bytes()
     pid = containerd_pid(node)
-    config = _config(stack)
+    config = fault_config(stack)
     config["nodes"][0]["containerd"]["restartCommand"] = "true"
 
-    line = _fail(stack, config)
+    line = failed_apply_line(stack, config)
 
     assert line.startswith(
         "nexus-mirror: node node-a: wait for CRI: the restart command succeeded, but containerd "
@@ -333,4 +319,4 @@ def test_restart_command_does_nothing(stack: Stack, lab: Lab) -> None:
     )
     _assert_rolled_back(lab, before)
     assert containerd_pid(node) == pid
-    _assert_converged(stack, lab, _config(stack))
+    _assert_converged(stack, lab, fault_config(stack))

@@ -10,12 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
-
 from tests.e2e.conftest import Stack
 from tests.e2e.faults import (
     assert_unchanged,
-    error_line,
+    failed_apply_line,
     fill,
     read_only,
     runs_current_config,
@@ -25,7 +23,6 @@ from tests.e2e.faults import (
     tree,
 )
 from tests.e2e.lab import Lab, cri_plugin_status
-from tests.e2e.replay import CommandFailed
 
 
 def _registries(lab: Lab, extra_header: str | None = None) -> dict:
@@ -40,7 +37,7 @@ def _registries(lab: Lab, extra_header: str | None = None) -> dict:
     return {"docker.io": docker, "quay.io": quay}
 
 
-def _config(stack: Stack, certs: Path, state: Path | None = None, **registries: str) -> dict:
+def fault_config(stack: Stack, certs: Path, state: Path | None = None, **registries: str) -> dict:
     config = stack.config(registries=_registries(stack.lab, **registries))
     containerd = config["nodes"][0]["containerd"]
     containerd["configPath"] = str(certs)
@@ -50,21 +47,15 @@ def _config(stack: Stack, certs: Path, state: Path | None = None, **registries: 
     return config
 
 
-def _fail(stack: Stack, config: dict) -> str:
-    with pytest.raises(CommandFailed) as failure:
-        stack.up(config)
-    return error_line(str(failure.value), "node-a")
-
-
 def test_full_disk_keeps_old_hosts_files(stack: Stack, lab: Lab, tmp_path: Path) -> None:
     node = lab.node("node-a")
     with tmpfs(tmp_path / "certs", "256k") as certs:
-        stack.up(_config(stack, certs))
+        stack.up(fault_config(stack, certs))
         filler = fill(certs)
         before = snapshot(node, certs)
-        changed = _config(stack, certs, extra_header="x" * 2048)
+        changed = fault_config(stack, certs, extra_header="x" * 2048)
 
-        line = _fail(stack, changed)
+        line = failed_apply_line(stack, changed)
 
         assert line.startswith("nexus-mirror: node node-a: write hosts files: cannot write ")
         assert "No space left on device" in line
@@ -85,9 +76,9 @@ def test_full_state_dir_changes_nothing(stack: Stack, lab: Lab, tmp_path: Path) 
     before = snapshot(node)
     with tmpfs(tmp_path / "state", "64k") as state:
         filler = fill(state)
-        config = _config(stack, node.certs_dir, state=state)
+        config = fault_config(stack, node.certs_dir, state=state)
 
-        line = _fail(stack, config)
+        line = failed_apply_line(stack, config)
 
         assert line.startswith("nexus-mirror: node node-a: write config.toml: cannot back up ")
         assert line.endswith("config.toml was not changed")
@@ -103,14 +94,14 @@ def test_full_state_dir_changes_nothing(stack: Stack, lab: Lab, tmp_path: Path) 
 def test_read_only_certs_dir_keeps_old_files(stack: Stack, lab: Lab) -> None:
     node = lab.node("node-a")
     certs = node.certs_dir
-    stack.up(_config(stack, certs))
+    stack.up(fault_config(stack, certs))
     old = tree(certs)
-    changed = _config(stack, certs, extra_header="y")
+    changed = fault_config(stack, certs, extra_header="y")
     changed["registries"]["ghcr.io"] = {"nexus": {"port": lab.mirror_port}}
     with read_only(certs):
         before = snapshot(node)
 
-        line = _fail(stack, changed)
+        line = failed_apply_line(stack, changed)
 
         assert line.startswith("nexus-mirror: node node-a: write hosts files: cannot ")
         assert "Read-only file system" in line

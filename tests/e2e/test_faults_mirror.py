@@ -18,6 +18,7 @@ import pytest
 from tests.e2e.conftest import Stack
 from tests.e2e.cri import CriError, ImageServiceClient
 from tests.e2e.faults import (
+    RESTART_TIMEOUT,
     Forwarder,
     containerd_requests,
     free_port,
@@ -25,8 +26,6 @@ from tests.e2e.faults import (
     upstream_log,
 )
 from tests.e2e.lab import IMAGE_REFERENCE, IMAGE_REPOSITORY, IMAGE_TAG, Lab
-
-RESTART_TIMEOUT = 5
 
 
 def _local_image(lab: Lab) -> str:
