@@ -189,7 +189,7 @@ class Kubernetes:
 
 @dataclass(frozen=True)
 class MirrorConfig:
-    """Everything one stack asks for, validated."""
+    """Everything one stack requests, validated."""
 
     namespaces: tuple[Namespace, ...]
     nodes: tuple[Node, ...]
@@ -202,5 +202,5 @@ class MirrorConfig:
     secret_keys: frozenset[str] = frozenset()
     """Top-level keys held as Pulumi secrets, such as registries."""
     delivery: str = "ssh"
-    """How the files reach the nodes: ``ssh`` (nodes) or ``kubernetes`` (a DaemonSet)."""
+    """Delivery of the files to the nodes: ``ssh`` (nodes) or ``kubernetes`` (a DaemonSet)."""
     kubernetes: Kubernetes | None = None

@@ -37,7 +37,7 @@ def nexus_host_url(base_url: str, block: dict[str, Any]) -> tuple[str, bool]:
         if parts.port is not None:
             netloc += f":{parts.port}"
         return f"{parts.scheme}://{netloc}", False
-    # Path-based routing answers the registry API under /v2/<repository>;
+    # Path-based routing serves the registry API under /v2/<repository>;
     # containerd must not append another /v2, so override_path is required.
     return f"{parts.scheme}://{parts.netloc}/v2/{block['repository']}", True
 
@@ -47,7 +47,7 @@ def check_nexus_block(
 ) -> dict[str, Any] | None:
     """Validate a registry's ``nexus`` block; return the single addressing mode it sets.
 
-    ``nexus_set`` tells whether nexus-mirror:nexus is present at all, so an
+    ``nexus_set`` is True when nexus-mirror:nexus is present at all, so an
     invalid URL there is reported once rather than again for every block.
     """
     if not isinstance(value, dict):

@@ -464,7 +464,7 @@ def check_registry(
     if not hosts:
         return None
     if not fallback and hosts:
-        # The last mirror stands in for the upstream, so containerd never tries the real one.
+        # The last mirror takes the place of the upstream, so containerd never tries the real one.
         server = hosts[-1]
     names = [f.name for f in files]
     for duplicate in {n for n in names if names.count(n) > 1}:

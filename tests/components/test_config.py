@@ -441,7 +441,7 @@ def test_all_problems_reported_at_once() -> None:
     assert len(caught.value.problems) == 2
 
 
-def test_private_key_in_plain_text_rejected_without_showing_it() -> None:
+def test_plain_private_key_rejected_hidden() -> None:
     with pytest.raises(ConfigError) as caught:
         parse_config(BASE, frozenset())
     message = str(caught.value)

@@ -58,7 +58,7 @@ def test_served_by_mirror() -> None:
 
 
 def test_failed_pull_not_through_mirror() -> None:
-    # A mirror that answers HTML resolves the tag, then the pull fails.
+    # A mirror that returns HTML resolves the tag, then the pull fails.
     verification = {
         "image": "docker.io/library/busybox:latest",
         "servedBy": "nexus.example.net:8082",

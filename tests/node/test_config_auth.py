@@ -101,7 +101,7 @@ def test_containerd_2_writes_version_3_table(tmp_path: Path) -> None:
     }
 
 
-def test_version_2_file_on_containerd_2_keeps_its_section(tmp_path: Path) -> None:
+def test_v2_file_on_containerd_2_kept(tmp_path: Path) -> None:
     source = f'version = 2\n[{V2_SECTION}]\n  config_path = "{CERTS}"\n'
 
     out = patched(tmp_path, source, [("n:1", "u", "p")], version="2.0.0")

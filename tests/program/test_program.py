@@ -53,7 +53,7 @@ def _hosts_report(image: str, served_by: str) -> str:
 
 
 class RecordingMocks(pulumi.runtime.Mocks):
-    """Mocks that answer like the node script and record when each command ran."""
+    """Mocks that return what the node script prints and record when each command ran."""
 
     def __init__(self, served_by: str = "nexus.example.net:8082", delay: float = 0.0) -> None:
         self.resources: dict[str, dict[str, Any]] = {}
